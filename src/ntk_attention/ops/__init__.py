@@ -1,0 +1,23 @@
+"""The operator: NTK-Attention and exact prefix attention (fast paths) with plain references."""
+
+from .attention import ntk_attention, prefix_attention, prefix_to_ntk
+from .feature_maps import (
+    CallableFeatureMap,
+    EluFeatureMap,
+    FeatureMap,
+    RandomFeatureMap,
+    TaylorFeatureMap,
+    get_feature_map,
+)
+
+__all__ = [
+    "ntk_attention",
+    "prefix_attention",
+    "prefix_to_ntk",
+    "FeatureMap",
+    "EluFeatureMap",
+    "TaylorFeatureMap",
+    "RandomFeatureMap",
+    "CallableFeatureMap",
+    "get_feature_map",
+]
