@@ -1,14 +1,148 @@
-"""TEMPORARY: public operator API routed to the reference; the fast path replaces this."""
-from .naive import ntk_attention_naive, prefix_attention_naive, prefix_to_ntk_naive
+"""Public operator API: NTK-Attention, exact prefix attention, and the closed form between them.
+
+The references with the same semantics are in ``naive.py``; tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_mask, check_ntk_state, check_prefix, check_qkv, check_tensor
+from .feature_maps import FeatureMapLike, get_feature_map
+from .merged import MergedAttention
 
 
-def ntk_attention(q, k, v, z, kvec, *, feature_map="elu", causal=False, attn_mask=None, scale=None, dropout_p=0.0):
-    return ntk_attention_naive(q, k, v, z, kvec, feature_map, causal, attn_mask, scale)
+def _additive_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
 
 
-def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, attn_mask=None, scale=None):
-    return prefix_attention_naive(q, k, v, prefix_k, prefix_v, causal, attn_mask, scale)
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, H_kv, S, D] -> [B, H, S, D] for grouped-query attention (autograd sums the groups back)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def prefix_to_ntk(prefix_k, prefix_v, *, feature_map="elu", scale=None):
-    return prefix_to_ntk_naive(prefix_k, prefix_v, feature_map, scale)
+def _check_dropout(dropout_p) -> float:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _scale(scale, D: int) -> float:
+    if scale is None:
+        return D**-0.5
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    return float(scale)
+
+
+def ntk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    z: torch.Tensor,
+    kvec: torch.Tensor,
+    *,
+    feature_map: FeatureMapLike = "elu",
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """NTK-Attention: softmax attention over the input plus the infinite-prefix term.
+
+    ``out_i = (sum_j e^{s_ij} v_j + phi(q_i)^T z) / (sum_j e^{s_ij} + phi(q_i)^T kvec)`` over the
+    keys j that query i sees (``causal`` bottom-right aligned, ``attn_mask`` bool True = attend or
+    additive float); the NTK term is never masked. ``phi(q)^T kvec`` is clamped at 0.
+
+    Shapes: q ``[B,H,L,D]``, k ``[B,H_kv,S,D]``, v ``[B,H_kv,S,D_v]``, z ``[H,r,D_v]``,
+    kvec ``[H,r]`` with ``r = feature_map.feature_dim(D)``; returns ``[B,H,L,D_v]`` in q's dtype.
+    ``dropout_p`` drops softmax weights over the input (not the NTK term). ``backend`` forces
+    ``"fused-cpu"``, ``"fused-cuda"`` or ``"chunked"``; by default the fused kernel is used where
+    it supports the inputs. Memory is O(L); no L x S matrix is built unless ``attn_mask`` is one.
+    """
+    B, H, H_kv, L, S, D, D_v = check_qkv(q, k, v)
+    fmap = get_feature_map(feature_map)
+    r = fmap.feature_dim(D)
+    check_ntk_state(z, kvec, H, r, D_v, q, fmap)
+    check_mask(attn_mask, B, H, L, S, q.device)
+    scale = _scale(scale, D)
+    dropout_p = _check_dropout(dropout_p)
+
+    phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
+    num = phi @ z.to(phi.dtype)
+    den = (phi @ kvec.to(phi.dtype).unsqueeze(-1)).squeeze(-1).clamp_min(0)
+    return MergedAttention.apply(
+        q, _expand_heads(k, H), _expand_heads(v, H), None, None, num, den,
+        _additive_mask(attn_mask, q.dtype), bool(causal), scale, dropout_p, backend,
+    )
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention over ``[prefix; input]``; every query sees the whole prefix.
+
+    ``prefix_k [H or H_kv, m, D]``, ``prefix_v [H or H_kv, m, D_v]`` are shared by the batch;
+    ``causal`` and ``attn_mask`` apply to the input keys only. The prefix and the input are two
+    attention states merged exactly, so memory is O(L + m) however long the prefix is.
+    """
+    B, H, H_kv, L, S, D, D_v = check_qkv(q, k, v)
+    check_prefix(prefix_k, prefix_v, H, H_kv, D, D_v)
+    for name, x in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if x.device != q.device or x.dtype != q.dtype:
+            raise ValueError(f"{name} must match q's device and dtype ({q.device}, {q.dtype}), got {x.device}, {x.dtype}")
+    check_mask(attn_mask, B, H, L, S, q.device)
+    scale = _scale(scale, D)
+    m = prefix_k.shape[1]
+    pk = _expand_heads(prefix_k.unsqueeze(0), H).expand(B, H, m, D)
+    pv = _expand_heads(prefix_v.unsqueeze(0), H).expand(B, H, m, D_v)
+    return MergedAttention.apply(
+        q, _expand_heads(k, H), _expand_heads(v, H), pk, pv, None, None,
+        _additive_mask(attn_mask, q.dtype), bool(causal), scale, 0.0, backend,
+    )
+
+
+def prefix_to_ntk(
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    feature_map: FeatureMapLike = "elu",
+    scale: float | None = None,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed form of a prefix: ``z = sum_j phi(kP_j) vP_j^T`` ``[H,r,D_v]``, ``kvec = sum_j phi(kP_j)`` ``[H,r]``.
+
+    With an exact feature map (``phi(q).phi(k) = e^{scale q.k}``), ``ntk_attention(q, k, v, z, kvec)``
+    equals ``prefix_attention(q, k, v, prefix_k, prefix_v)``; with an approximate one it is the
+    approximation studied in the paper. Use the same ``feature_map`` and ``scale`` as the attention
+    that will read the result. Sums run over chunks of the prefix, so ``m`` may be very large.
+    Results are float32 (float64 for float64 input).
+    """
+    check_tensor("prefix_k", prefix_k, 3, "[H, m, D]")
+    check_tensor("prefix_v", prefix_v, 3, "[H, m, D_v]")
+    if prefix_k.shape[:2] != prefix_v.shape[:2]:
+        raise ValueError(f"prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} must agree in heads and length m")
+    if prefix_k.shape[1] < 1:
+        raise ValueError(f"prefix length m must be at least 1, got prefix_k {tuple(prefix_k.shape)}")
+    if prefix_k.device != prefix_v.device:
+        raise ValueError(f"prefix_k is on {prefix_k.device} but prefix_v on {prefix_v.device}")
+    fmap = get_feature_map(feature_map)
+    scale = _scale(scale, prefix_k.shape[-1])
+    z = kvec = 0
+    for start in range(0, prefix_k.shape[1], chunk_size):
+        phi = fmap(prefix_k[:, start:start + chunk_size], scale)
+        z = z + phi.transpose(-1, -2) @ prefix_v[:, start:start + chunk_size].to(phi.dtype)
+        kvec = kvec + phi.sum(-2)
+    return z, kvec

@@ -1,0 +1,227 @@
+"""Softmax attention that also returns its log-sum-exp, with an explicit backward.
+
+An "attention state" is ``(O, lse)``: the normalised softmax output over some keys and the
+log-sum-exp of its scores per query row. States over disjoint keys (the input, a prefix) and the
+linear NTK state merge exactly (``merged.py``). Each backend here computes one state and its
+backward in O(L) memory:
+
+- ``FusedCPU``: PyTorch's flash-attention kernel for CPU (private aten op).
+- ``FusedCUDA``: PyTorch's memory-efficient CUDA kernel (private aten op).
+- ``Chunked``: pure PyTorch, a loop over key blocks; used where the fused kernels are missing or
+  refuse the inputs (dropout on CPU, unusual dtypes). It is also the readable version of the math.
+
+Conventions: ``q [B,H,L,D]``, ``k [B,H,S,D]``, ``v [B,H,S,Dv]`` with the same head count (GQA is
+expanded by the caller); ``mask`` additive float broadcastable to ``[B,H,L,S]`` or None; ``causal``
+bottom-right aligned. ``lse`` is float32 (float64 for float64 inputs) and ``-inf`` for a row that
+sees no key, whose ``O`` is 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_bias(L: int, S: int, device, dtype) -> torch.Tensor:
+    """Additive bottom-right causal mask [L, S]: query i sees keys j <= i + S - L."""
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return torch.zeros(L, S, device=device, dtype=dtype).masked_fill(j > i + (S - L), float("-inf"))
+
+
+def _dead_rows(mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """Rows [B,H,L] that see no key at all under an additive mask (None without a mask)."""
+    if mask is None:
+        return None
+    return torch.broadcast_to(~(mask > float("-inf")).any(-1), shape[:3])
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+class Chunked:
+    """Online softmax over key blocks; backward recomputes each block (FlashAttention's scheme)."""
+
+    name = "chunked"
+    # Elements of one [B, H, L, block] score tile; bounds the extra memory whatever L and S are.
+    tile_elements = 1 << 23
+
+    def block_size(self, B, H, L, S) -> int:
+        return max(16, min(S, self.tile_elements // max(1, B * H * L)))
+
+    def _scores(self, q, k_blk, mask, causal, start, L, S, scale, dt):
+        s = (q @ k_blk.transpose(-1, -2)).to(dt) * scale
+        stop = start + k_blk.shape[-2]
+        if mask is not None:
+            s = s + mask[..., start:stop].to(dt)
+        if causal:
+            s = s + causal_bias(L, S, q.device, dt)[:, start:stop]
+        return s
+
+    def _keep(self, seed, block_index, shape, dropout_p, device):
+        gen = torch.Generator(device=device).manual_seed(seed + block_index)
+        return torch.rand(shape, generator=gen, device=device) >= dropout_p
+
+    def forward(self, q, k, v, mask, causal, scale, dropout_p=0.0):
+        B, H, L, _ = q.shape
+        S = k.shape[-2]
+        dt = _lse_dtype(q)
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+        m = torch.full((B, H, L, 1), float("-inf"), device=q.device, dtype=dt)
+        denom = torch.zeros(B, H, L, 1, device=q.device, dtype=dt)
+        acc = torch.zeros(B, H, L, v.shape[-1], device=q.device, dtype=dt)
+        blk = self.block_size(B, H, L, S)
+        for index, start in enumerate(range(0, S, blk)):
+            s = self._scores(q, k[..., start:start + blk, :], mask, causal, start, L, S, scale, dt)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_safe)
+            correction = torch.exp(m - m_safe)
+            denom = denom * correction + p.sum(-1, keepdim=True)
+            if dropout_p > 0:
+                p = p * self._keep(seed, index, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
+            acc = acc * correction + p @ v[..., start:start + blk, :].to(dt)
+            m = m_new
+        lse = (m + denom.log()).squeeze(-1)
+        out = torch.where(denom > 0, acc / denom.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(acc))
+        return out.to(q.dtype), lse, seed
+
+    def backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed):
+        B, H, L, _ = q.shape
+        S = k.shape[-2]
+        dt = _lse_dtype(q)
+        g = grad_out.to(dt)
+        delta = (g * out.to(dt)).sum(-1, keepdim=True)  # D_i = g_i . out_i
+        lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1)
+        dq = torch.zeros(q.shape, device=q.device, dtype=dt)
+        dk = torch.empty(k.shape, device=q.device, dtype=dt)
+        dv = torch.empty(v.shape, device=q.device, dtype=dt)
+        qc = q.to(dt)
+        blk = self.block_size(B, H, L, S)
+        for index, start in enumerate(range(0, S, blk)):
+            k_blk, v_blk = k[..., start:start + blk, :].to(dt), v[..., start:start + blk, :].to(dt)
+            p = torch.exp(self._scores(qc, k_blk, mask, causal, start, L, S, scale, dt) - lse_safe)
+            dp = g @ v_blk.transpose(-1, -2)
+            if dropout_p > 0:
+                keep = self._keep(seed, index, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
+                dv[..., start:start + blk, :] = (p * keep).transpose(-1, -2) @ g
+                dp = dp * keep
+            else:
+                dv[..., start:start + blk, :] = p.transpose(-1, -2) @ g
+            ds = p * (dp - delta) * scale
+            dq += ds @ k_blk
+            dk[..., start:start + blk, :] = ds.transpose(-1, -2) @ qc
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _Fused:
+    """Shared handling for the fused kernels: mask building, equal head dims, rows that see nothing."""
+
+    def _prepare(self, q, k, v, mask, causal):
+        L, S = q.shape[-2], k.shape[-2]
+        kernel_causal = causal and mask is None and L == S
+        if causal and not kernel_causal:
+            cb = causal_bias(L, S, q.device, q.dtype)
+            mask = cb if mask is None else mask + cb
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        # The kernels want one head dim: zero-padding q/k does not change scores, and zero-padding v
+        # only adds output columns that are sliced off.
+        D, Dv = q.shape[-1], v.shape[-1]
+        if Dv > D:
+            q, k = F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D))
+        elif D > Dv:
+            v = F.pad(v, (0, D - Dv))
+        return q, k, v, mask, kernel_causal
+
+    def forward(self, q, k, v, mask, causal, scale, dropout_p=0.0):
+        D, Dv = q.shape[-1], v.shape[-1]
+        qp, kp, vp, full_mask, kernel_causal = self._prepare(q, k, v, mask, causal)
+        out, lse, rng = self._kernel_forward(qp, kp, vp, full_mask, kernel_causal, scale, dropout_p)
+        lse = lse[..., : q.shape[-2]].to(_lse_dtype(q))
+        dead = _dead_rows(full_mask, q.shape)
+        if dead is not None:
+            lse = lse.masked_fill(dead, float("-inf"))
+            out = out.masked_fill(dead.unsqueeze(-1), 0.0)
+        return out[..., :Dv], lse, rng
+
+    def backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng):
+        D, Dv = q.shape[-1], v.shape[-1]
+        qp, kp, vp, full_mask, kernel_causal = self._prepare(q, k, v, mask, causal)
+        width = max(D, Dv)
+        grad_out, out = F.pad(grad_out, (0, width - Dv)), F.pad(out, (0, width - Dv))
+        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # dead rows: p = e^{-inf} = 0
+        dq, dk, dv = self._kernel_backward(grad_out, qp, kp, vp, out, lse, full_mask, kernel_causal, scale, dropout_p, rng)
+        return dq[..., :D], dk[..., :D], dv[..., :Dv]
+
+
+class FusedCPU(_Fused):
+    name = "fused-cpu"
+
+    @staticmethod
+    def supports(q, dropout_p) -> bool:
+        return q.device.type == "cpu" and dropout_p == 0.0 and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
+
+    def _kernel_forward(self, q, k, v, mask, causal, scale, dropout_p):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=mask, scale=scale
+        )
+        return out, lse, None
+
+    def _kernel_backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out.contiguous(), lse.to(torch.float32) if q.dtype != torch.float64 else lse,
+            0.0, causal, attn_mask=mask, scale=scale,
+        )
+
+
+class FusedCUDA(_Fused):
+    name = "fused-cuda"
+
+    @staticmethod
+    def supports(q, dropout_p) -> bool:
+        return q.device.type == "cuda" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+    def _kernel_forward(self, q, k, v, mask, causal, scale, dropout_p):
+        if mask is not None:
+            mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, True, dropout_p, causal, scale=scale
+        )
+        return out, lse, (seed, offset)
+
+    def _kernel_backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng):
+        if mask is not None:
+            mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        # The kernel's lse may be padded along L; pad ours back the same way.
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad_out.contiguous(), q, k, v, mask, out.contiguous(), self._pad_lse(lse, q),
+            rng[0], rng[1], dropout_p, [True, True, True, False], causal, scale=scale,
+        )
+        return dq, dk, dv
+
+    @staticmethod
+    def _pad_lse(lse, q):
+        L = q.shape[-2]
+        padded = math.ceil(L / 32) * 32
+        return F.pad(lse.to(torch.float32), (0, padded - L)).contiguous()
+
+
+CHUNKED = Chunked()
+_FUSED = (FusedCPU(), FusedCUDA())
+
+
+def select_backend(q: torch.Tensor, dropout_p: float, backend: str | None = None):
+    """The fused kernel for this device/dtype where it exists, else the chunked path."""
+    if backend is not None:
+        by_name = {b.name: b for b in (*_FUSED, CHUNKED)}
+        if backend not in by_name:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(by_name)}")
+        return by_name[backend]
+    for fused in _FUSED:
+        if fused.supports(q, dropout_p):
+            return fused
+    return CHUNKED

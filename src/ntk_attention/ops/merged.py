@@ -1,0 +1,95 @@
+"""Exact merge of attention states, with the backward written out (DESIGN.md section 2).
+
+Softmax states ``(O_i, lse_i)`` over disjoint key sets and one linear state ``(N, c)`` (the NTK term,
+``N = phi(q)^T Z``, ``c = phi(q)^T k >= 0``) combine as
+
+    T = log(sum_i e^{lse_i} + c),   w_i = e^{lse_i - T},   beta = e^{-T}
+    out = sum_i w_i O_i + beta N
+
+Backward: the gradient reaching the scores of state i through both ``O_i`` and ``lse_i`` is the
+standard attention backward called with ``grad_out = w_i g`` and the merged ``out``, since
+``dL/ds_ij = w_i p_ij (g . v_j - g . out)``. The rest is ``dN = beta g``, ``dc = -beta (g . out)``,
+computed here rather than by autograd through ``log c``, which is ``0 * inf = NaN`` at ``c = 0``
+(the identity start).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import select_backend
+
+
+def _floor(dtype: torch.dtype) -> float:
+    # Added to the denominator so that beta = e^{-T} stays finite when the softmax part underflows
+    # (rows whose logits are all ~ -1e38, as HF masks write them) and c = 0. Far below float
+    # resolution of any real denominator, so the identity start stays exact.
+    return 1e-300 if dtype == torch.float64 else 1e-30
+
+
+def merge_weights(lses: list[torch.Tensor], den: torch.Tensor | None):
+    """Weights ``w_i`` of each softmax state and ``beta`` of the linear state, all [B, H, L, 1]."""
+    logs = list(lses)
+    if den is not None:
+        logs.append(torch.log(den))  # log 0 = -inf is fine inside logsumexp
+    total = torch.stack(logs).logsumexp(0)
+    dead = torch.isneginf(total)  # sees no key and c = 0: output 0, gradient 0
+    total = torch.logaddexp(total, torch.full_like(total, _floor(total.dtype)).log())
+    weights = [torch.exp(lse - total).masked_fill(dead, 0).unsqueeze(-1) for lse in lses]
+    beta = torch.exp(-total).masked_fill(dead, 0).unsqueeze(-1)
+    return weights, beta
+
+
+class MergedAttention(torch.autograd.Function):
+    """Softmax attention over ``(k, v)`` [and an unmasked ``(prefix_k, prefix_v)``] merged with ``(num, den)``.
+
+    Heads must already match (``k``, ``prefix_k`` expanded to ``[B, H, *, D]``). ``num [B,H,L,Dv]``
+    and ``den [B,H,L]`` (>= 0) may be None; they are float32/float64 (the NTK statistics are kept
+    in full precision next to a bfloat16 input).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, num, den, mask, causal, scale, dropout_p, backend):
+        input_backend = select_backend(q, dropout_p, backend)
+        states = [(input_backend, k, v, mask, causal, dropout_p)]
+        if prefix_k is not None:
+            states.append((select_backend(q, 0.0, backend), prefix_k, prefix_v, None, False, 0.0))
+        outs, lses, rngs = [], [], []
+        for b, kk, vv, mm, cc, dp in states:
+            o, lse, rng = b.forward(q, kk, vv, mm, cc, scale, dp)
+            outs.append(o)
+            lses.append(lse)
+            rngs.append(rng)
+        weights, beta = merge_weights(lses, den)
+        acc = sum(w * o.to(w.dtype) for w, o in zip(weights, outs))
+        if num is not None:
+            acc = acc + beta * num.to(beta.dtype)
+        out = acc.to(q.dtype)
+
+        ctx.states = [(b, mm, cc, dp, rng) for (b, _, _, mm, cc, dp), rng in zip(states, rngs)]
+        ctx.scale = scale
+        ctx.has_prefix, ctx.has_linear = prefix_k is not None, num is not None
+        kv = [t for (_, kk, vv, *_) in states for t in (kk, vv)]
+        ctx.save_for_backward(q, out, beta, *kv, *lses, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, out, beta, *rest = ctx.saved_tensors
+        n = len(ctx.states)
+        kv, lses, weights = rest[: 2 * n], rest[2 * n: 3 * n], rest[3 * n:]
+        dq = torch.zeros_like(q, dtype=beta.dtype)
+        grads_kv = []
+        gf = g.to(beta.dtype)
+        for i, (b, mask, causal, dropout_p, rng) in enumerate(ctx.states):
+            gi = (weights[i] * gf).to(q.dtype)
+            dqi, dki, dvi = b.backward(gi, q, kv[2 * i], kv[2 * i + 1], out, lses[i], mask, causal, ctx.scale, dropout_p, rng)
+            dq += dqi.to(dq.dtype)
+            grads_kv += [dki, dvi]
+        dnum = dden = None
+        if ctx.has_linear:
+            dnum = beta * gf
+            dden = -(beta * (gf * out.to(gf.dtype)).sum(-1, keepdim=True)).squeeze(-1)
+        dk, dv = grads_kv[0], grads_kv[1]
+        dpk, dpv = (grads_kv[2], grads_kv[3]) if ctx.has_prefix else (None, None)
+        return dq.to(q.dtype), dk, dv, dpk, dpv, dnum, dden, None, None, None, None, None
