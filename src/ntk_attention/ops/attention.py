@@ -72,10 +72,9 @@ def ntk_attention(
     dropout_p = _check_dropout(dropout_p)
 
     phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
-    num = phi @ z.to(phi.dtype)
-    den = (phi @ kvec.to(phi.dtype).unsqueeze(-1)).squeeze(-1).clamp_min(0)
+    ntk_stats = phi @ torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)  # [N | c]
     return MergedAttention.apply(
-        q, _expand_heads(k, H), _expand_heads(v, H), None, None, num, den,
+        q, _expand_heads(k, H), _expand_heads(v, H), None, None, ntk_stats,
         _additive_mask(attn_mask, q.dtype), bool(causal), scale, dropout_p, backend,
     )
 
@@ -109,7 +108,7 @@ def prefix_attention(
     pk = _expand_heads(prefix_k.unsqueeze(0), H).expand(B, H, m, D)
     pv = _expand_heads(prefix_v.unsqueeze(0), H).expand(B, H, m, D_v)
     return MergedAttention.apply(
-        q, _expand_heads(k, H), _expand_heads(v, H), pk, pv, None, None,
+        q, _expand_heads(k, H), _expand_heads(v, H), pk, pv, None,
         _additive_mask(attn_mask, q.dtype), bool(causal), scale, 0.0, backend,
     )
 

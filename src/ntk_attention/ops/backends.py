@@ -47,18 +47,25 @@ class Chunked:
 
     name = "chunked"
     # Elements of one [B, H, L, block] score tile; bounds the extra memory whatever L and S are.
-    tile_elements = 1 << 23
+    tile_elements = 1 << 22
 
     def block_size(self, B, H, L, S) -> int:
         return max(16, min(S, self.tile_elements // max(1, B * H * L)))
 
-    def _scores(self, q, k_blk, mask, causal, start, L, S, scale, dt):
-        s = (q @ k_blk.transpose(-1, -2)).to(dt) * scale
+    def _blocks(self, L, S, causal, B, H):
+        """(index, key start, key stop, first query row that sees the block)."""
+        blk = self.block_size(B, H, L, S)
+        for index, start in enumerate(range(0, S, blk)):
+            row0 = min(L, max(0, start - (S - L))) if causal else 0  # rows above see none of it
+            yield index, start, min(S, start + blk), row0
+
+    def _scores(self, q_rows, k_blk, mask, causal, start, row0, L, S, scale, dt):
+        s = (q_rows @ k_blk.transpose(-1, -2)).to(dt) * scale
         stop = start + k_blk.shape[-2]
         if mask is not None:
-            s = s + mask[..., start:stop].to(dt)
+            s = s + (mask[..., start:stop] if mask.shape[-2] == 1 else mask[..., row0:, start:stop]).to(dt)
         if causal:
-            s = s + causal_bias(L, S, q.device, dt)[:, start:stop]
+            s = s + causal_bias(L, S, q_rows.device, dt)[row0:, start:stop]
         return s
 
     def _keep(self, seed, block_index, shape, dropout_p, device):
@@ -73,18 +80,20 @@ class Chunked:
         m = torch.full((B, H, L, 1), float("-inf"), device=q.device, dtype=dt)
         denom = torch.zeros(B, H, L, 1, device=q.device, dtype=dt)
         acc = torch.zeros(B, H, L, v.shape[-1], device=q.device, dtype=dt)
-        blk = self.block_size(B, H, L, S)
-        for index, start in enumerate(range(0, S, blk)):
-            s = self._scores(q, k[..., start:start + blk, :], mask, causal, start, L, S, scale, dt)
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        for index, start, stop, row0 in self._blocks(L, S, causal, B, H):
+            if row0 == L:
+                continue
+            s = self._scores(q[..., row0:, :], k[..., start:stop, :], mask, causal, start, row0, L, S, scale, dt)
+            m_old = m[..., row0:, :]
+            m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             p = torch.exp(s - m_safe)
-            correction = torch.exp(m - m_safe)
-            denom = denom * correction + p.sum(-1, keepdim=True)
+            correction = torch.exp(m_old - m_safe)
+            denom[..., row0:, :] = denom[..., row0:, :] * correction + p.sum(-1, keepdim=True)
             if dropout_p > 0:
                 p = p * self._keep(seed, index, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
-            acc = acc * correction + p @ v[..., start:start + blk, :].to(dt)
-            m = m_new
+            acc[..., row0:, :] = acc[..., row0:, :] * correction + p @ v[..., start:stop, :].to(dt)
+            m[..., row0:, :] = m_new
         lse = (m + denom.log()).squeeze(-1)
         out = torch.where(denom > 0, acc / denom.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(acc))
         return out.to(q.dtype), lse, seed
@@ -97,23 +106,24 @@ class Chunked:
         delta = (g * out.to(dt)).sum(-1, keepdim=True)  # D_i = g_i . out_i
         lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1)
         dq = torch.zeros(q.shape, device=q.device, dtype=dt)
-        dk = torch.empty(k.shape, device=q.device, dtype=dt)
-        dv = torch.empty(v.shape, device=q.device, dtype=dt)
+        dk = torch.zeros(k.shape, device=q.device, dtype=dt)
+        dv = torch.zeros(v.shape, device=q.device, dtype=dt)
         qc = q.to(dt)
-        blk = self.block_size(B, H, L, S)
-        for index, start in enumerate(range(0, S, blk)):
-            k_blk, v_blk = k[..., start:start + blk, :].to(dt), v[..., start:start + blk, :].to(dt)
-            p = torch.exp(self._scores(qc, k_blk, mask, causal, start, L, S, scale, dt) - lse_safe)
-            dp = g @ v_blk.transpose(-1, -2)
+        for index, start, stop, row0 in self._blocks(L, S, causal, B, H):
+            if row0 == L:
+                continue
+            k_blk, v_blk, q_rows, g_rows = k[..., start:stop, :].to(dt), v[..., start:stop, :].to(dt), qc[..., row0:, :], g[..., row0:, :]
+            p = torch.exp(self._scores(q_rows, k_blk, mask, causal, start, row0, L, S, scale, dt) - lse_safe[..., row0:, :])
+            dp = g_rows @ v_blk.transpose(-1, -2)
             if dropout_p > 0:
                 keep = self._keep(seed, index, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
-                dv[..., start:start + blk, :] = (p * keep).transpose(-1, -2) @ g
+                dv[..., start:stop, :] = (p * keep).transpose(-1, -2) @ g_rows
                 dp = dp * keep
             else:
-                dv[..., start:start + blk, :] = p.transpose(-1, -2) @ g
-            ds = p * (dp - delta) * scale
-            dq += ds @ k_blk
-            dk[..., start:start + blk, :] = ds.transpose(-1, -2) @ qc
+                dv[..., start:stop, :] = p.transpose(-1, -2) @ g_rows
+            ds = p * (dp - delta[..., row0:, :]) * scale
+            dq[..., row0:, :] += ds @ k_blk
+            dk[..., start:stop, :] = ds.transpose(-1, -2) @ q_rows
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -151,8 +161,8 @@ class _Fused:
     def backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng):
         D, Dv = q.shape[-1], v.shape[-1]
         qp, kp, vp, full_mask, kernel_causal = self._prepare(q, k, v, mask, causal)
-        width = max(D, Dv)
-        grad_out, out = F.pad(grad_out, (0, width - Dv)), F.pad(out, (0, width - Dv))
+        if D > Dv:
+            grad_out, out = F.pad(grad_out, (0, D - Dv)), F.pad(out, (0, D - Dv))
         lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # dead rows: p = e^{-inf} = 0
         dq, dk, dv = self._kernel_backward(grad_out, qp, kp, vp, out, lse, full_mask, kernel_causal, scale, dropout_p, rng)
         return dq[..., :D], dk[..., :D], dv[..., :Dv]

@@ -41,15 +41,16 @@ def merge_weights(lses: list[torch.Tensor], den: torch.Tensor | None):
 
 
 class MergedAttention(torch.autograd.Function):
-    """Softmax attention over ``(k, v)`` [and an unmasked ``(prefix_k, prefix_v)``] merged with ``(num, den)``.
+    """Softmax attention over ``(k, v)`` [and an unmasked ``(prefix_k, prefix_v)``] merged with the NTK term.
 
-    Heads must already match (``k``, ``prefix_k`` expanded to ``[B, H, *, D]``). ``num [B,H,L,Dv]``
-    and ``den [B,H,L]`` (>= 0) may be None; they are float32/float64 (the NTK statistics are kept
-    in full precision next to a bfloat16 input).
+    Heads must already match (``k``, ``prefix_k`` expanded to ``[B, H, *, D]``). ``ntk_stats``
+    ``[B,H,L,Dv+1]`` is ``phi(q)^T [Z | k]``, i.e. ``N`` and ``c`` in one tensor (one matmul), or
+    None; ``c`` is clamped at 0 here. It is float32/float64: the NTK term is kept in full precision
+    next to a bfloat16 input.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, num, den, mask, causal, scale, dropout_p, backend):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, ntk_stats, mask, causal, scale, dropout_p, backend):
         input_backend = select_backend(q, dropout_p, backend)
         states = [(input_backend, k, v, mask, causal, dropout_p)]
         if prefix_k is not None:
@@ -60,36 +61,40 @@ class MergedAttention(torch.autograd.Function):
             outs.append(o)
             lses.append(lse)
             rngs.append(rng)
+        num = den = None
+        if ntk_stats is not None:
+            num, den = ntk_stats[..., :-1], ntk_stats[..., -1].clamp_min(0)
         weights, beta = merge_weights(lses, den)
-        acc = sum(w * o.to(w.dtype) for w, o in zip(weights, outs))
-        if num is not None:
-            acc = acc + beta * num.to(beta.dtype)
+        acc = beta * num if num is not None else 0
+        for w, o in zip(weights, outs):
+            acc = torch.addcmul(acc, w, o) if torch.is_tensor(acc) else w * o
         out = acc.to(q.dtype)
 
         ctx.states = [(b, mm, cc, dp, rng) for (b, _, _, mm, cc, dp), rng in zip(states, rngs)]
         ctx.scale = scale
         ctx.has_prefix, ctx.has_linear = prefix_k is not None, num is not None
         kv = [t for (_, kk, vv, *_) in states for t in (kk, vv)]
-        ctx.save_for_backward(q, out, beta, *kv, *lses, *weights)
+        den_positive = ntk_stats[..., -1:] >= 0 if num is not None else None
+        ctx.save_for_backward(q, out, beta, den_positive, *kv, *lses, *weights)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        q, out, beta, *rest = ctx.saved_tensors
+        q, out, beta, den_positive, *rest = ctx.saved_tensors
         n = len(ctx.states)
         kv, lses, weights = rest[: 2 * n], rest[2 * n: 3 * n], rest[3 * n:]
-        dq = torch.zeros_like(q, dtype=beta.dtype)
+        dq = None
         grads_kv = []
-        gf = g.to(beta.dtype)
         for i, (b, mask, causal, dropout_p, rng) in enumerate(ctx.states):
-            gi = (weights[i] * gf).to(q.dtype)
+            gi = (weights[i] * g).to(q.dtype)
             dqi, dki, dvi = b.backward(gi, q, kv[2 * i], kv[2 * i + 1], out, lses[i], mask, causal, ctx.scale, dropout_p, rng)
-            dq += dqi.to(dq.dtype)
+            dq = dqi if dq is None else dq + dqi
             grads_kv += [dki, dvi]
-        dnum = dden = None
+        d_stats = None
         if ctx.has_linear:
-            dnum = beta * gf
-            dden = -(beta * (gf * out.to(gf.dtype)).sum(-1, keepdim=True)).squeeze(-1)
+            gf = g.to(beta.dtype)
+            dden = -beta * torch.linalg.vecdot(gf, out.to(gf.dtype)).unsqueeze(-1)
+            d_stats = torch.cat([beta * gf, dden * den_positive], dim=-1)
         dk, dv = grads_kv[0], grads_kv[1]
         dpk, dpv = (grads_kv[2], grads_kv[3]) if ctx.has_prefix else (None, None)
-        return dq.to(q.dtype), dk, dv, dpk, dpv, dnum, dden, None, None, None, None, None
+        return dq, dk, dv, dpk, dpv, d_stats, None, None, None, None, None
