@@ -47,7 +47,7 @@ class Chunked:
 
     name = "chunked"
     # Elements of one [B, H, L, block] score tile; bounds the extra memory whatever L and S are.
-    tile_elements = 1 << 22
+    tile_elements = 1 << 21
 
     def block_size(self, B, H, L, S) -> int:
         return max(16, min(S, self.tile_elements // max(1, B * H * L)))
@@ -60,12 +60,14 @@ class Chunked:
             yield index, start, min(S, start + blk), row0
 
     def _scores(self, q_rows, k_blk, mask, causal, start, row0, L, S, scale, dt):
-        s = (q_rows @ k_blk.transpose(-1, -2)).to(dt) * scale
+        s = (q_rows @ k_blk.transpose(-1, -2)).to(dt).mul_(scale)
         stop = start + k_blk.shape[-2]
         if mask is not None:
             s = s + (mask[..., start:stop] if mask.shape[-2] == 1 else mask[..., row0:, start:stop]).to(dt)
         if causal:
-            s = s + causal_bias(L, S, q_rows.device, dt)[row0:, start:stop]
+            i = torch.arange(row0, L, device=s.device)[:, None]
+            j = torch.arange(start, stop, device=s.device)[None, :]
+            s.masked_fill_(j > i + (S - L), float("-inf"))
         return s
 
     def _keep(self, seed, block_index, shape, dropout_p, device):
@@ -87,7 +89,7 @@ class Chunked:
             m_old = m[..., row0:, :]
             m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - m_safe)
+            p = s.sub_(m_safe).exp_()
             correction = torch.exp(m_old - m_safe)
             denom[..., row0:, :] = denom[..., row0:, :] * correction + p.sum(-1, keepdim=True)
             if dropout_p > 0:
@@ -113,7 +115,7 @@ class Chunked:
             if row0 == L:
                 continue
             k_blk, v_blk, q_rows, g_rows = k[..., start:stop, :].to(dt), v[..., start:stop, :].to(dt), qc[..., row0:, :], g[..., row0:, :]
-            p = torch.exp(self._scores(q_rows, k_blk, mask, causal, start, row0, L, S, scale, dt) - lse_safe[..., row0:, :])
+            p = self._scores(q_rows, k_blk, mask, causal, start, row0, L, S, scale, dt).sub_(lse_safe[..., row0:, :]).exp_()
             dp = g_rows @ v_blk.transpose(-1, -2)
             if dropout_p > 0:
                 keep = self._keep(seed, index, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
@@ -121,7 +123,7 @@ class Chunked:
                 dp = dp * keep
             else:
                 dv[..., start:stop, :] = p.transpose(-1, -2) @ g_rows
-            ds = p * (dp - delta[..., row0:, :]) * scale
+            ds = dp.sub_(delta[..., row0:, :]).mul_(p).mul_(scale)
             dq[..., row0:, :] += ds @ k_blk
             dk[..., start:stop, :] = ds.transpose(-1, -2) @ q_rows
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
