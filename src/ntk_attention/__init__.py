@@ -13,6 +13,8 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+from .tuners import NTKConfig, NTKModel, PrefixConfig, get_ntk_model  # noqa: E402  (after __version__)
+
 __all__ = [
     "ntk_attention",
     "prefix_attention",
@@ -22,4 +24,8 @@ __all__ = [
     "TaylorFeatureMap",
     "RandomFeatureMap",
     "get_feature_map",
+    "NTKConfig",
+    "PrefixConfig",
+    "NTKModel",
+    "get_ntk_model",
 ]

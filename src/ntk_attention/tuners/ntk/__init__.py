@@ -1,0 +1,4 @@
+from .config import NTKConfig
+from .model import NTKLayer
+
+__all__ = ["NTKConfig", "NTKLayer"]

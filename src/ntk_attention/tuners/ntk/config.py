@@ -1,0 +1,78 @@
+"""NTKConfig: what an NTK-Attention adapter is made of."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...ops import FeatureMap, get_feature_map
+from ..config import AdapterConfig
+
+K_PARAMETRIZATIONS = ("nonneg", "softplus")
+
+
+@dataclass
+class NTKConfig(AdapterConfig):
+    """NTK-Attention: per attention layer and query head a state ``Z [r, d_v]`` and ``k [r]`` with
+
+        out_i = (sum_l e^{s_il} v_l + phi(q_i)^T Z) / (sum_l e^{s_il} + phi(q_i)^T k).
+
+    Defaults are the paper's shape: every attention layer, ``elu`` features (``r = d``), a full
+    ``Z`` and ``k`` per head, i.e. ``layers x heads x (d^2 + d)`` trainable numbers.
+
+    virtual_prefix_length (m): ``Z`` and ``k`` are stored as per-token averages and multiplied by
+        m, which is what a real prefix of m tokens gives (``Z = sum_j phi(kP_j) vP_j^T``). With Adam
+        this sets how fast the prefix can grow against the input's own ``sum e^s``: at m = 1 (the
+        paper) the adapter barely moves at learning rates used for LoRA; see
+        ``benchmarks/ntk_scale_sst2.py`` for the measurement behind the default.
+    feature_map, num_features, degree, feature_seed: ``phi``: "elu" (r = d), "random"
+        (``num_features`` positive random features drawn from ``feature_seed``), "taylor"
+        (``degree`` 1 or 2).
+    rank: None for a full ``Z``; an even s for ``Z = A B - A' B'`` (r x s/2 times s/2 x d_v twice)
+        whose two halves start equal, so ``Z = 0`` at the start while every factor gets a gradient.
+    rank_init_std: standard deviation of the low-rank factors at the start.
+    k_parametrization: "nonneg" (default): ``k = max(theta, 0)`` started at ``k_init = 0``, the exact
+        pretrained model, with the gradient of a projection so ``k`` trains from the first step;
+        "softplus": ``k = softplus(theta)`` (the authors' code; ``k_init > 0``, not an identity start).
+    k_init: the per-token average ``k / m`` at the start.
+    feature_dropout: dropout on ``phi(q)`` during training (off in eval).
+    """
+
+    method = "ntk"
+
+    feature_map: str = "elu"
+    num_features: int | None = None
+    degree: int | None = None
+    feature_seed: int = 0
+    rank: int | None = None
+    rank_init_std: float = 0.1
+    virtual_prefix_length: float = 64.0
+    k_parametrization: str = "nonneg"
+    k_init: float = 0.0
+    feature_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.feature_map, FeatureMap) or not isinstance(self.feature_map, str):
+            raise TypeError("NTKConfig.feature_map must be a name ('elu', 'random', 'taylor'); set num_features / degree / feature_seed for options")
+        self.build_feature_map()  # validates name and options
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 2 or self.rank % 2):
+            raise ValueError(f"NTKConfig.rank must be None (full Z) or an even int >= 2, got {self.rank!r}")
+        if not self.virtual_prefix_length > 0:
+            raise ValueError(f"NTKConfig.virtual_prefix_length must be > 0, got {self.virtual_prefix_length!r}")
+        if self.k_parametrization not in K_PARAMETRIZATIONS:
+            raise ValueError(f"NTKConfig.k_parametrization must be one of {K_PARAMETRIZATIONS}, got {self.k_parametrization!r}")
+        if self.k_parametrization == "softplus" and not self.k_init > 0:
+            raise ValueError(f"NTKConfig.k_init must be > 0 with k_parametrization='softplus', got {self.k_init!r}")
+        if self.k_init < 0:
+            raise ValueError(f"NTKConfig.k_init must be >= 0 (the denominator must stay positive), got {self.k_init!r}")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(f"NTKConfig.feature_dropout must be in [0, 1), got {self.feature_dropout!r}")
+
+    def build_feature_map(self) -> FeatureMap:
+        options = {"elu": {}, "random": {"num_features": self.num_features, "seed": self.feature_seed}, "taylor": {"degree": self.degree}}
+        if self.feature_map not in options:
+            raise ValueError(f"NTKConfig.feature_map must be one of {sorted(options)}, got {self.feature_map!r}")
+        unused = [n for n in ("num_features", "degree") if getattr(self, n) is not None and n not in options[self.feature_map]]
+        if unused:
+            raise ValueError(f"NTKConfig: {unused} do not apply to feature_map={self.feature_map!r}")
+        return get_feature_map(self.feature_map, **options[self.feature_map])

@@ -1,0 +1,89 @@
+"""NTKLayer: the trainable NTK state of one attention module and its attention call."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...ops import FeatureMap, ntk_attention
+from ..attention_hook import AdapterLayer, HeadGeometry
+from .config import NTKConfig
+
+
+class _NonNegative(torch.autograd.Function):
+    """``max(x, 0)`` with the gradient of a projection onto ``x >= 0``.
+
+    The gradient passes where ``x >= 0`` (so an entry started at exactly 0 trains on the first
+    step) and, below 0, only where descent would raise ``x``: an entry pushed out by optimizer
+    momentum comes back as soon as the loss wants a larger ``k``, instead of dying as a plain clamp
+    (or the authors' ``abs``) would let it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.where((x >= 0) | (grad < 0), grad, torch.zeros_like(grad))
+
+
+class _DroppedFeatures(FeatureMap):
+    """``dropout(phi(q))``: one mask per call, shared by numerator and denominator."""
+
+    def __init__(self, inner: FeatureMap, p: float):
+        self.inner, self.p = inner, p
+        self.name, self.nonnegative = inner.name, inner.nonnegative
+
+    def feature_dim(self, head_dim: int) -> int:
+        return self.inner.feature_dim(head_dim)
+
+    def __call__(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return F.dropout(self.inner(x, scale), self.p, training=True)
+
+
+class NTKLayer(AdapterLayer):
+    def __init__(self, config: NTKConfig, geometry: HeadGeometry):
+        super().__init__(geometry)
+        self.feature_map = config.build_feature_map()
+        self.feature_dropout = config.feature_dropout
+        self.m = float(config.virtual_prefix_length)
+        self.k_parametrization = config.k_parametrization
+        H, r, d_v = geometry.heads, self.feature_map.feature_dim(geometry.head_dim), geometry.v_head_dim
+        if config.rank is None:
+            self.z = nn.Parameter(torch.zeros(H, r, d_v))
+        else:
+            half = config.rank // 2
+            a = torch.randn(H, r, half) * config.rank_init_std
+            b = torch.randn(H, half, d_v) * config.rank_init_std
+            self.z_a = nn.Parameter(torch.cat([a, a], dim=-1))
+            self.z_b = nn.Parameter(torch.cat([b, b], dim=-2))
+        # theta with k = max(theta, 0) or softplus(theta), so that k / m starts at k_init.
+        theta = config.k_init if config.k_parametrization == "nonneg" else math.log(math.expm1(config.k_init))
+        self.k = nn.Parameter(torch.full((H, r), float(theta)))
+
+    def ntk_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Z [H, r, d_v], k [H, r])`` as the operator takes them (already times m)."""
+        if hasattr(self, "z"):
+            z = self.z
+        else:
+            half = self.z_a.shape[-1] // 2
+            # Two products subtracted (not one matmul over a signed rank): equal halves give exactly 0.
+            z = self.z_a[..., :half] @ self.z_b[:, :half] - self.z_a[..., half:] @ self.z_b[:, half:]
+        k = _NonNegative.apply(self.k) if self.k_parametrization == "nonneg" else F.softplus(self.k)
+        return self.m * z, self.m * k
+
+    def forward(self, query, key, value, attention_mask, causal, scale, dropout):
+        z, kvec = self.ntk_state()
+        fmap = self.feature_map
+        if self.training and self.feature_dropout > 0:
+            fmap = _DroppedFeatures(fmap, self.feature_dropout)
+        return ntk_attention(
+            query, key, value, z, kvec,
+            feature_map=fmap, causal=causal, attn_mask=attention_mask, scale=scale, dropout_p=dropout,
+        )

@@ -1,0 +1,4 @@
+from .config import PrefixConfig
+from .model import PrefixLayer
+
+__all__ = ["PrefixConfig", "PrefixLayer"]
