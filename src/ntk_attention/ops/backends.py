@@ -18,8 +18,6 @@ sees no key, whose ``O`` is 0.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -150,23 +148,25 @@ class _Fused:
         return q, k, v, mask, kernel_causal
 
     def forward(self, q, k, v, mask, causal, scale, dropout_p=0.0):
-        D, Dv = q.shape[-1], v.shape[-1]
+        Dv = v.shape[-1]
         qp, kp, vp, full_mask, kernel_causal = self._prepare(q, k, v, mask, causal)
-        out, lse, rng = self._kernel_forward(qp, kp, vp, full_mask, kernel_causal, scale, dropout_p)
-        lse = lse[..., : q.shape[-2]].to(_lse_dtype(q))
+        out, kernel_lse, rng = self._kernel_forward(qp, kp, vp, full_mask, kernel_causal, scale, dropout_p)
+        lse = kernel_lse[..., : q.shape[-2]].to(_lse_dtype(q))
         dead = _dead_rows(full_mask, q.shape)
-        if dead is not None:
+        if dead is not None:  # the kernels report lse = 0 (CPU) for rows that see nothing
             lse = lse.masked_fill(dead, float("-inf"))
             out = out.masked_fill(dead.unsqueeze(-1), 0.0)
-        return out[..., :Dv], lse, rng
+        # The backward gets the kernel's own lse (its shape and its values for dead rows).
+        return out[..., :Dv], lse, (kernel_lse, rng)
 
-    def backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng):
+    def backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, saved):
         D, Dv = q.shape[-1], v.shape[-1]
+        kernel_lse, rng = saved
         qp, kp, vp, full_mask, kernel_causal = self._prepare(q, k, v, mask, causal)
         if D > Dv:
             grad_out, out = F.pad(grad_out, (0, D - Dv)), F.pad(out, (0, D - Dv))
-        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # dead rows: p = e^{-inf} = 0
-        dq, dk, dv = self._kernel_backward(grad_out, qp, kp, vp, out, lse, full_mask, kernel_causal, scale, dropout_p, rng)
+        dq, dk, dv = self._kernel_backward(grad_out.contiguous(), qp, kp, vp, out.contiguous(), kernel_lse,
+                                           full_mask, kernel_causal, scale, dropout_p, rng)
         return dq[..., :D], dk[..., :D], dv[..., :Dv]
 
 
@@ -185,8 +185,7 @@ class FusedCPU(_Fused):
 
     def _kernel_backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out.contiguous(), lse.to(torch.float32) if q.dtype != torch.float64 else lse,
-            0.0, causal, attn_mask=mask, scale=scale,
+            grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
         )
 
 
@@ -197,29 +196,29 @@ class FusedCUDA(_Fused):
     def supports(q, dropout_p) -> bool:
         return q.device.type == "cuda" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
+    @staticmethod
+    def _aligned(mask, q, k):
+        """The kernel wants a full-shape bias whose rows start 16-element aligned (as SDPA pads it)."""
+        if mask is None:
+            return None
+        B, H, L, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        padded = torch.zeros(B, H, L, S + (-S) % 16, device=q.device, dtype=q.dtype)
+        padded[..., :S] = mask
+        return padded[..., :S]
+
     def _kernel_forward(self, q, k, v, mask, causal, scale, dropout_p):
-        if mask is not None:
-            mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        mask = self._aligned(mask, q, k)
         out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, mask, True, dropout_p, causal, scale=scale
         )
         return out, lse, (seed, offset)
 
     def _kernel_backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng):
-        if mask is not None:
-            mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        # The kernel's lse may be padded along L; pad ours back the same way.
+        mask = self._aligned(mask, q, k)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            grad_out.contiguous(), q, k, v, mask, out.contiguous(), self._pad_lse(lse, q),
-            rng[0], rng[1], dropout_p, [True, True, True, False], causal, scale=scale,
+            grad_out, q, k, v, mask, out, lse, rng[0], rng[1], dropout_p, [True, True, True, False], causal, scale=scale,
         )
         return dq, dk, dv
-
-    @staticmethod
-    def _pad_lse(lse, q):
-        L = q.shape[-2]
-        padded = math.ceil(L / 32) * 32
-        return F.pad(lse.to(torch.float32), (0, padded - L)).contiguous()
 
 
 CHUNKED = Chunked()
