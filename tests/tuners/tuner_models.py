@@ -14,7 +14,7 @@ def _decoder(config_cls, model_cls, **extra):
 
 
 def _gpt2():
-    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2))
 
 
 def _vit():

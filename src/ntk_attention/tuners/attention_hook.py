@@ -65,6 +65,10 @@ def _make_hook(base_implementation: str):
             if kwargs.get(name) is not None:
                 raise NotImplementedError(f"{type(module).__name__} passes {name!r} to attention; NTK/prefix adapters do not support it yet")
         check_query(module, layer.geometry, query, value)
+        device = query.device.type
+        if torch.is_autocast_enabled(device):  # as autocast does for sdpa: one lower-precision dtype
+            dtype = torch.get_autocast_dtype(device)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         q_len, kv_len = query.shape[2], key.shape[2]
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         # Same rule as transformers' sdpa integration: a None mask means "plain causal" only for a

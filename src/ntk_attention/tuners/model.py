@@ -120,7 +120,8 @@ class NTKModel(nn.Module):
         layer_cls = LAYER_CLASSES[config.method]
         for _, module in targets:
             device = next(module.parameters()).device
-            setattr(module, ADAPTER_ATTR, layer_cls(config, head_geometry(module, module.config)).to(device))
+            layer = layer_cls(config, head_geometry(module, module.config)).to(device)
+            setattr(module, ADAPTER_ATTR, layer.train(module.training))  # follow the model's train/eval mode
         self._original_heads = nn.ModuleDict()
         self._trained_heads: dict[str, nn.Module] = {}
         self._copy_heads(config.head_module_names())
@@ -175,11 +176,6 @@ class NTKModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
-
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.base_model.gradient_checkpointing_enable(**kwargs)
-        # With a frozen embedding the checkpointed blocks would get inputs without grad (reentrant mode).
-        self.base_model.enable_input_require_grads()
 
     # ---------------------------------------------------------------- parameters
 
