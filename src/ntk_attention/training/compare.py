@@ -1,0 +1,260 @@
+"""``ntk-attn compare``: methods x learning rates x seeds, with tables and plots.
+
+For each variant (a method plus config fields) the first seed runs ``ntk-attn train`` with the
+whole learning-rate grid, which picks the rate on the validation slice carved from the training
+data; the other seeds rerun at that rate. The reported split (``--eval-data``) gives the mean and
+standard deviation over seeds and chooses nothing. Every run is its own ``ntk-attn train``
+process, so its train time and peak memory are its own, and a finished run is not run again:
+rerun the same command to continue after an interruption.
+
+Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``;
+the adapters of NTK variants (first seed) are copied to ``<out-dir>/<name>/<variant>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .models import METHODS
+from .train import write_json
+
+DEFAULT_GRID = {"head": [1e-3, 1e-2], "ntk": [1e-2, 3e-2, 1e-1], "prefix": [1e-3, 1e-2, 3e-2],
+                "lora": [3e-4, 1e-3, 3e-3], "full": [2e-5, 5e-5, 1e-4]}
+DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
+                    "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
+TRAIN_OPTIONS = ("data", "eval_data", "model", "gguf_file", "train_size", "validation", "epochs", "batch_size",
+                 "head_lr", "text_column", "label_column", "prompt_field", "answer_field", "max_length",
+                 "eval_size", "max_new_tokens", "threads")
+
+
+@dataclass
+class Variant:
+    label: str
+    method: str
+    config: list[str] = field(default_factory=list)
+
+
+def parse_variant(spec: str) -> Variant:
+    """``METHOD`` or ``LABEL=METHOD:KEY=VALUE:KEY=VALUE`` (e.g. ``prefix-m64=prefix:num_virtual_tokens=64``)."""
+    label, sep, rest = spec.partition("=")
+    if not sep:
+        label, rest = spec, spec
+    method, *config = rest.split(":")
+    if method not in METHODS:
+        raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {METHODS}")
+    if not label or "/" in label:
+        raise ValueError(f"--variants {spec!r}: the label must be a plain name")
+    return Variant(label, method, config)
+
+
+def parse_grid(specs: list[str], variants: list[Variant]) -> dict[str, list[float]]:
+    """Learning-rate grid per variant: method defaults, overridden by ``LABEL_OR_METHOD=lr,lr``."""
+    grid = {v.label: DEFAULT_GRID[v.method] for v in variants}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        targets = [v.label for v in variants if key in (v.label, v.method)]
+        if not sep or not targets:
+            raise ValueError(f"--lr-grid {spec!r}: expected VARIANT_OR_METHOD=lr,lr,... naming one of {sorted(grid)}")
+        try:
+            rates = [float(value) for value in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--lr-grid {spec!r}: learning rates must be numbers") from None
+        for label in targets:
+            grid[label] = rates
+    return grid
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", default="sst2-minilm", help="result name: <out-dir>/<name>.json, .md, -*.png")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="SPEC",
+                        help="METHOD or LABEL=METHOD:KEY=VALUE:... (default: %(default)s)")
+    parser.add_argument("--lr-grid", nargs="+", default=[], metavar="VARIANT=LR,LR",
+                        help="learning rates per variant or method (defaults: " + "; ".join(f"{k} {','.join(f'{x:g}' for x in v)}" for k, v in DEFAULT_GRID.items()) + ")")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
+    parser.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
+    parser.add_argument("--work-dir", default=os.path.join("runs", "compare"), help="checkpoints and per-run results")
+    parser.add_argument("--machine-note", default="", help="recorded with the results, e.g. 'shared 2-core CPU'")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--eval-data", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--gguf-file", default=None)
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--validation", type=float, default=None)
+    parser.add_argument("--epochs", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--head-lr", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    from .train import add_data_arguments
+
+    add_data_arguments(parser)
+
+
+def train_command(args, variant: Variant, rates: list[float], seed: int, folder: str) -> list[str]:
+    command = [sys.executable, "-m", "ntk_attention.cli", "train", "--method", variant.method, "--seed", str(seed),
+               "--output-dir", folder, "--result-json", os.path.join(folder, "result.json"), "--resume",
+               "--lr", *[f"{rate:g}" for rate in rates]]
+    if variant.config:
+        command += ["--config", *variant.config]
+    for name in TRAIN_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            command += ["--" + name.replace("_", "-"), str(value)]
+    return command
+
+
+def run_training(command: list[str], folder: str) -> dict:
+    """Run one ``ntk-attn train`` unless its result is already there; its log goes beside it."""
+    result_file = os.path.join(folder, "result.json")
+    if not os.path.isfile(result_file):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "log.txt"), "w") as log:
+            log.write(shlex.join(command) + "\n")
+            log.flush()
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"training failed (exit {done.returncode}); see {os.path.join(folder, 'log.txt')}")
+    with open(result_file) as handle:
+        return json.load(handle)
+
+
+def run_variant(args, variant: Variant, rates: list[float]) -> dict:
+    folder = lambda seed: os.path.join(args.work_dir, args.name, variant.label, f"seed{seed}")  # noqa: E731
+    first = run_training(train_command(args, variant, rates, args.seeds[0], folder(args.seeds[0])), folder(args.seeds[0]))
+    chosen = first["learning_rate"]
+    results = [first] + [run_training(train_command(args, variant, [chosen], seed, folder(seed)), folder(seed))
+                         for seed in args.seeds[1:]]
+    return summarize(variant, results)
+
+
+def summarize(variant: Variant, results: list[dict]) -> dict:
+    first = results[0]
+    split = "eval" if "eval" in first["after"] else "validation"
+    metric = "accuracy" if first["task"] == "classification" else "loss"
+    scores = [result["after"][split][metric] for result in results]
+    summary = {
+        "method": variant.method, "config": first["config"], "learning_rate": first["learning_rate"],
+        f"dev_{metric}": statistics.mean(scores),
+        f"dev_{metric}_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        f"dev_{metric}_per_seed": scores, "seeds": [r["seed"] for r in results],
+        f"dev_{metric}_before": first["before"].get(split, {}).get(metric),
+        "validation_grid": {f"{run['learning_rate']:g}": run["validation"].get(metric) for run in first["grid"]},
+        "best_epoch_per_seed": [r["best_epoch"] for r in results],
+        "trainable_params": first["trainable_params"], "trainable_params_excl_head": first["trainable_params_excl_head"],
+        "train_seconds": statistics.mean(r["train_seconds"] for r in results),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "device": first["device"], "adapter": first["adapter"],
+    }
+    if "exact_match" in first["after"].get("eval", {}):
+        matches = [r["after"]["eval"]["exact_match"] for r in results]
+        summary["exact_match"] = statistics.mean(matches)
+        summary["exact_match_std"] = statistics.stdev(matches) if len(matches) > 1 else 0.0
+    return summary
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_average_at_start": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run(args) -> int:
+    variants = [parse_variant(spec) for spec in args.variants]
+    if len({v.label for v in variants}) != len(variants):
+        raise ValueError(f"--variants: labels must be unique, got {[v.label for v in variants]}")
+    grid = parse_grid(args.lr_grid, variants)
+    if not args.seeds:
+        raise ValueError("--seeds needs at least one seed")
+    record = {"name": args.name, "command": shlex.join(["ntk-attn", "compare", *sys.argv[2:]]),
+              "machine": {**machine(), "note": args.machine_note},
+              "budget": {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name, None) is not None},
+              "seeds": args.seeds, "lr_grid": grid,
+              "selection": "learning rate and best epoch on a validation slice of the training data (first seed); "
+                           "dev mean/std over seeds at that rate; std is the sample std (n-1)"}
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {v.label: pool.submit(run_variant, args, v, grid[v.label]) for v in variants}
+        record["methods"] = {label: future.result() for label, future in futures.items()}
+    record["wall_seconds"] = time.perf_counter() - start
+    record["machine"]["load_average_at_end"] = os.getloadavg()
+    write_results(args.out_dir, args.name, record, variants)
+    return 0
+
+
+def write_results(out_dir: str, name: str, record: dict, variants: list[Variant]) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    for variant in variants:
+        if variant.method == "ntk":
+            target = os.path.join(out_dir, name, variant.label)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(record["methods"][variant.label]["adapter"], target)
+    write_json(os.path.join(out_dir, f"{name}.json"), record)
+    table = markdown_table(record)
+    with open(os.path.join(out_dir, f".{name}.md.tmp"), "w") as handle:
+        handle.write(table)
+    os.replace(os.path.join(out_dir, f".{name}.md.tmp"), os.path.join(out_dir, f"{name}.md"))
+    plot(record, os.path.join(out_dir, name))
+    print(table)
+
+
+def markdown_table(record: dict) -> str:
+    methods = record["methods"]
+    metric = "accuracy" if any("dev_accuracy" in m for m in methods.values()) else "loss"
+    extra = any("exact_match" in m for m in methods.values())
+    header = (f"| variant | trainable (excl. head) | lr (chosen on validation) | validation grid | dev {metric} "
+              f"(mean ± std, {len(record['seeds'])} seeds) |" + (" exact match |" if extra else "")
+              + " train s | peak RSS MB |")
+    lines = [f"Command: `{record['command']}`", "", header, "|" + "---|" * (header.count("|") - 1)]
+    for label, m in methods.items():
+        grid = ", ".join(f"{lr}: {value:.3f}" for lr, value in m["validation_grid"].items())
+        row = (f"| {label} | {m['trainable_params']:,} ({m['trainable_params_excl_head']:,}) | {m['learning_rate']:g} | "
+               f"{grid} | {m[f'dev_{metric}']:.4f} ± {m[f'dev_{metric}_std']:.4f} |")
+        if extra:
+            row += f" {m.get('exact_match', float('nan')):.4f} |"
+        lines.append(row + f" {m['train_seconds']:.0f} | {m['peak_rss_mb']:.0f} |")
+    note = record["machine"].get("note") or record["machine"].get("gpu") or record["machine"]["processor"]
+    lines += ["", f"Machine: {note}; {record['machine']['cpu_count']} CPUs; torch {record['machine']['torch']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, prefix: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = record["methods"]
+    metric = "accuracy" if any("dev_accuracy" in m for m in methods.values()) else "loss"
+    for key, xlabel, suffix, log in (("trainable_params", "trainable parameters (incl. head)", "params", True),
+                                     ("train_seconds", "train time per run (s)", "time", False)):
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for label, m in methods.items():
+            axes.errorbar(m[key], m[f"dev_{metric}"], yerr=m[f"dev_{metric}_std"], fmt="o", capsize=3, label=label)
+            axes.annotate(label, (m[key], m[f"dev_{metric}"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if log:
+            axes.set_xscale("log")
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(f"dev {metric}")
+        axes.set_title(f"{record['name']}: dev {metric} vs {xlabel.split(' (')[0]}")
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        temporary = f"{prefix}-{suffix}.tmp.png"
+        figure.savefig(temporary, dpi=120)
+        os.replace(temporary, f"{prefix}-{suffix}.png")
+        plt.close(figure)

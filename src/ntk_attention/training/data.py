@@ -1,0 +1,219 @@
+"""Data for training and evaluation: load a table, check it, carve a validation slice, tokenize.
+
+Two tasks:
+- ``classification``: a text column and an integer label column (0 .. num_labels-1).
+- ``causal-lm``: a prompt field and an answer field; the loss is on the answer tokens only and the
+  prompt goes through the tokenizer's chat template when it has one.
+
+A data source is a local ``.tsv`` / ``.csv`` / ``.jsonl`` / ``.json`` file, or, for users with the
+Hugging Face hub, ``NAME:SPLIT`` or ``NAME:CONFIG:SPLIT`` (e.g. ``nyu-mll/glue:sst2:train``).
+Every check runs before any model is loaded, so bad input fails fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import os
+from dataclasses import dataclass
+
+import datasets
+
+TASKS = ("classification", "causal-lm")
+FILE_BUILDERS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
+
+
+def embedded_sst2(split: str) -> str:
+    """Path of the SST-2 sample shipped in the package (``train`` or ``dev``); see data/SST2_SOURCE.md."""
+    return str(importlib.resources.files("ntk_attention") / "data" / f"sst2_{split}.tsv")
+
+
+@dataclass
+class Columns:
+    """Which columns hold the inputs. ``text=None`` means: the only column besides the label."""
+
+    text: str | None = None
+    label: str = "label"
+    prompt: str = "question"
+    answer: str = "answer"
+
+
+def load_table(source: str) -> datasets.Dataset:
+    """Load a local file or a hub split as a ``datasets.Dataset``; raise ValueError if it is empty."""
+    suffix = os.path.splitext(source)[1].lower()
+    if os.path.exists(source) or suffix in FILE_BUILDERS:
+        table = _load_file(source, suffix)
+    else:
+        table = _load_hub(source)
+    if len(table) == 0:
+        raise ValueError(f"data {source!r} has no rows")
+    return table
+
+
+def _load_file(path: str, suffix: str) -> datasets.Dataset:
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist")
+    if suffix not in FILE_BUILDERS:
+        raise ValueError(f"data file {path!r}: expected a .tsv, .csv, .jsonl or .json file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"data file {path!r} is empty")
+    if FILE_BUILDERS[suffix] == "csv" and _count_lines(path) < 2:
+        raise ValueError(f"data file {path!r} has no rows (a header line at most)")
+    options = {}
+    if suffix == ".tsv":
+        # GLUE TSVs contain bare quote characters: no quoting; keep "NA"/"null" as text.
+        options = dict(delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
+    elif suffix == ".csv":
+        options = dict(keep_default_na=False)
+    try:
+        return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=path, split="train", **options)
+    except Exception as error:  # the builders raise many types (pandas, pyarrow, json)
+        raise ValueError(f"data file {path!r} could not be read as {suffix}: {error}") from error
+
+
+def _count_lines(path: str, enough: int = 2) -> int:
+    count = 0
+    with open(path, errors="replace") as handle:
+        for line in handle:
+            count += bool(line.strip())
+            if count >= enough:
+                break
+    return count
+
+
+def _load_hub(spec: str) -> datasets.Dataset:
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(
+            f"data {spec!r}: expected an existing .tsv/.csv/.jsonl/.json file, or a hub dataset as "
+            "NAME:SPLIT or NAME:CONFIG:SPLIT"
+        )
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    return datasets.load_dataset(name, config, split=split)
+
+
+def infer_task(table: datasets.Dataset, columns: Columns) -> str:
+    """``classification`` when the label column is there, ``causal-lm`` when prompt and answer are."""
+    names = table.column_names
+    if columns.label in names:
+        return "classification"
+    if columns.prompt in names and columns.answer in names:
+        return "causal-lm"
+    raise ValueError(
+        f"cannot tell the task from columns {names}: expected a label column {columns.label!r} "
+        f"(classification) or prompt/answer fields {columns.prompt!r}/{columns.answer!r} (causal-lm); "
+        "name them with --label-column or --prompt-field/--answer-field"
+    )
+
+
+def text_column(table: datasets.Dataset, columns: Columns, source: str) -> str:
+    """The text column: the one named, or else the only column besides the label."""
+    names = table.column_names
+    if columns.text is not None:
+        if columns.text not in names:
+            raise ValueError(f"data {source!r} has no text column {columns.text!r} (columns: {names})")
+        return columns.text
+    others = [name for name in names if name != columns.label]
+    if len(others) != 1:
+        raise ValueError(f"data {source!r}: cannot tell the text column among {others}; name it with --text-column")
+    return others[0]
+
+
+def check_classification(table: datasets.Dataset, columns: Columns, source: str, num_labels: int | None = None) -> int:
+    """Check the label column holds integers in 0 .. num_labels-1; return num_labels (inferred if None)."""
+    if columns.label not in table.column_names:
+        raise ValueError(f"data {source!r} has no label column {columns.label!r} (columns: {table.column_names})")
+    text_column(table, columns, source)
+    labels = []
+    for row, value in enumerate(table[columns.label]):
+        label = _as_int(value)
+        if label is None or label < 0:
+            raise ValueError(
+                f"data {source!r}, row {row + 1}: label {value!r} in column {columns.label!r} is not a "
+                "non-negative integer (class labels must be 0, 1, 2, ...)"
+            )
+        labels.append(label)
+    found = max(labels) + 1
+    if num_labels is None:
+        return max(found, 2)
+    if found > num_labels:
+        raise ValueError(f"data {source!r}: label {found - 1} is outside the model's {num_labels} classes")
+    return num_labels
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def check_causal(table: datasets.Dataset, columns: Columns, source: str) -> None:
+    """Check the prompt and answer fields exist and hold text."""
+    for field in (columns.prompt, columns.answer):
+        if field not in table.column_names:
+            raise ValueError(f"data {source!r} has no field {field!r} (fields: {table.column_names})")
+        bad = next((i for i, value in enumerate(table[field]) if not isinstance(value, str)), None)
+        if bad is not None:
+            raise ValueError(f"data {source!r}, row {bad + 1}: field {field!r} is not text")
+
+
+def check_table(table: datasets.Dataset, task: str, columns: Columns, source: str, num_labels: int | None = None):
+    """Run the checks for ``task``; return num_labels for classification, None for causal-lm."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task == "classification":
+        return check_classification(table, columns, source, num_labels)
+    check_causal(table, columns, source)
+    return None
+
+
+def split_validation(table: datasets.Dataset, validation: float, train_size: int | None, seed: int):
+    """Carve a validation slice off ``table`` (a fraction < 1 or a row count), then keep at most
+    ``train_size`` training rows. The same ``seed`` always gives the same slices."""
+    count = int(round(validation * len(table))) if validation < 1 else int(validation)
+    if not 0 < count < len(table):
+        raise ValueError(f"validation slice of {validation} leaves no training or no validation rows ({len(table)} rows)")
+    if train_size is not None and train_size <= 0:
+        raise ValueError(f"train_size must be positive, got {train_size}")
+    shuffled = table.shuffle(seed=seed)
+    validation_rows = shuffled.select(range(count))
+    end = len(table) if train_size is None else min(len(table), count + train_size)
+    return shuffled.select(range(count, end)), validation_rows
+
+
+def encode_classification(table: datasets.Dataset, tokenizer, text: str, label: str, max_length: int):
+    def encode(batch):
+        encoded = tokenizer(batch[text], truncation=True, max_length=max_length)
+        encoded["labels"] = [int(value) for value in batch[label]]
+        return encoded
+
+    return table.map(encode, batched=True, remove_columns=table.column_names, desc="tokenize")
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the prompt as the model sees it before its answer (chat template if any)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt + "\n")["input_ids"]
+
+
+def encode_causal(table: datasets.Dataset, tokenizer, prompt: str, answer: str, max_length: int):
+    """input_ids = prompt + answer + eos; labels mask the prompt so the loss is on the answer only."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(row):
+        head = prompt_ids(tokenizer, row[prompt])
+        tail = tokenizer(row[answer], add_special_tokens=False)["input_ids"] + eos
+        ids = (head + tail)[:max_length]
+        labels = ([IGNORE_INDEX] * len(head) + tail)[:max_length]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    return table.map(encode, remove_columns=table.column_names, desc="tokenize")

@@ -1,0 +1,102 @@
+"""``ntk-attn eval --adapter DIR --data FILE``: score a folder written by ``ntk-attn train``.
+
+The folder's ``training_run.json`` names the base model, task, method and columns, so nothing else
+is needed. Prints one JSON object: ``accuracy`` and ``loss`` for classification; ``loss`` (answer
+tokens only) and ``exact_match`` of the final number, greedy decoding, for causal LM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+
+import datasets
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from . import data as D
+from . import models as M
+from .fit import FitSettings, make_trainer, score
+from .train import add_data_arguments, encode
+
+FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="folder written by ntk-attn train (<output-dir>/adapter)")
+    parser.add_argument("--data", required=True, help=".tsv/.csv/.jsonl/.json file or hub NAME[:CONFIG]:SPLIT")
+    parser.add_argument("--batch-size", type=int, default=32)
+    add_data_arguments(parser)
+    # Columns default to what the adapter was trained with.
+    parser.set_defaults(label_column=None, prompt_field=None, answer_field=None)
+
+
+def final_number(text: str) -> str | None:
+    """The number after the last ``####``, else the last number in the text; commas and a trailing
+    ``.0`` dropped so that ``1,000`` and ``1000.0`` compare equal."""
+    marked = FINAL_ANSWER.findall(text)
+    found = marked or NUMBER.findall(text)
+    if not found:
+        return None
+    value = found[-1].replace(",", "")
+    return value[:-2] if value.endswith(".0") else value
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int, batch_size: int) -> dict:
+    """Greedy-decode an answer for every prompt and compare its final number with the reference's."""
+    model.eval()
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    hits = 0
+    for start in tqdm(range(0, len(table), batch_size), desc="generate"):
+        rows = table[start:start + batch_size]
+        prompts = [{"input_ids": D.prompt_ids(tokenizer, prompt)} for prompt in rows[columns.prompt]]
+        batch = tokenizer.pad(prompts, return_tensors="pt").to(device)
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        hits += sum(final_number(text) == final_number(answer) and final_number(answer) is not None
+                    for text, answer in zip(texts, rows[columns.answer]))
+    tokenizer.padding_side = "right"
+    return {"exact_match": hits / len(table), "generated": len(table)}
+
+
+def evaluate(args) -> dict:
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    run = M.read_run(args.adapter)  # validate the folder before loading anything heavy
+    task = run["task"]
+    columns = D.Columns(
+        text=args.text_column, label=args.label_column or run.get("label_column", "label"),
+        prompt=args.prompt_field or run.get("prompt_field", "question"),
+        answer=args.answer_field or run.get("answer_field", "answer"),
+    )
+    table = D.load_table(args.data)
+    if columns.text is None and run.get("text_column") in table.column_names:
+        columns.text = run["text_column"]
+    D.check_table(table, task, columns, args.data, run.get("num_labels"))
+    if args.eval_size is not None:
+        table = table.select(range(min(args.eval_size, len(table))))
+
+    model, tokenizer, run = M.load_trained(args.adapter)
+    max_length = args.max_length or run.get("max_length") or 512
+    encoded = encode(table, tokenizer, task, columns, max_length, args.data)
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = FitSettings(output_dir=scratch, task=task, learning_rate=1.0, head_learning_rate=1.0,
+                               eval_batch_size=args.batch_size)
+        trainer = make_trainer(model, tokenizer, settings, run.get("head_modules", []))
+        result = {"adapter": args.adapter, "data": args.data, "method": run["method"], "task": task,
+                  "rows": len(table), **score(trainer, encoded)}
+    if task == "causal-lm":
+        result.update(exact_match(model, tokenizer, table, columns, args.max_new_tokens, args.batch_size))
+    return result
+
+
+def run(args) -> int:
+    print(json.dumps(evaluate(args)))
+    return 0

@@ -1,0 +1,128 @@
+"""HF Trainer wiring shared by train, eval and compare.
+
+One Trainer subclass adds what the methods need on top of the stock loop: the head gets its own
+learning rate (the head policy is the same for every method, so its step size is too), and
+checkpoints of adapter methods hold only the trainable tensors instead of the whole base model.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import save_file
+
+SAFE_WEIGHTS_NAME = "model.safetensors"  # the file Trainer reloads for non-PEFT models
+
+
+@dataclass
+class FitSettings:
+    output_dir: str
+    task: str
+    learning_rate: float
+    head_learning_rate: float
+    epochs: float = 2.0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    seed: int = 0
+    warmup: float = 0.06  # fraction of the steps
+    weight_decay: float = 0.0
+    group_by_length: bool = True
+    save_full_checkpoints: bool = False  # `full` keeps whole-model checkpoints
+
+
+class MethodTrainer(transformers.Trainer):
+    def __init__(self, *args, head_modules: list[str], head_learning_rate: float, save_full_checkpoints: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_modules = head_modules
+        self.head_learning_rate = head_learning_rate
+        self.save_full_checkpoints = save_full_checkpoints
+
+    def _is_head(self, name: str) -> bool:
+        return any(f"{head}." in name for head in self.head_modules)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in trainable if not self._is_head(n)], "lr": self.args.learning_rate},
+                {"params": [p for n, p in trainable if self._is_head(n)], "lr": self.head_learning_rate},
+            ]
+            groups = [group for group in groups if group["params"]]
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        import peft
+
+        if self.save_full_checkpoints or isinstance(self.model, peft.PeftModel):
+            return super()._save(output_dir, state_dict)
+        # Only the trainable tensors: Trainer reloads this file with load_state_dict(strict=False).
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(state, os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def accuracy_metrics(prediction: transformers.EvalPrediction) -> dict:
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+
+
+def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str], train_data=None, eval_data=None):
+    classification = settings.task == "classification"
+    has_eval = eval_data is not None
+    args = transformers.TrainingArguments(
+        output_dir=settings.output_dir,
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup,
+        lr_scheduler_type="linear",
+        eval_strategy="epoch" if has_eval else "no",
+        save_strategy="epoch",
+        save_total_limit=1,  # with load_best_model_at_end the best one is kept as well
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="accuracy" if classification else "loss",
+        greater_is_better=classification,
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
+        seed=settings.seed,
+        logging_steps=10,
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,  # encoded data holds model inputs only; wrappers hide forward's signature
+        label_names=["labels"],
+    )
+    collator = (transformers.DataCollatorWithPadding(tokenizer) if classification
+                else transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
+    return MethodTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=accuracy_metrics if classification else None,
+        head_modules=head_modules,
+        head_learning_rate=settings.head_learning_rate,
+        save_full_checkpoints=settings.save_full_checkpoints,
+    )
+
+
+def score(trainer: transformers.Trainer, data) -> dict:
+    """Accuracy (classification) and loss of ``trainer.model`` on ``data``, without the ``eval_`` prefix."""
+    metrics = trainer.evaluate(eval_dataset=data, metric_key_prefix="eval")
+    return {key[5:]: value for key, value in metrics.items() if key in ("eval_accuracy", "eval_loss")}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,198 @@
+"""Models for training: load the base, make it trainable for a method, save and reload the result.
+
+Methods: ``ntk`` and ``prefix`` (this package's tuners), ``lora`` (PEFT), ``full`` (every weight),
+``head`` (the new classification head only). Head policy, the same for every method: on a
+classification task the freshly initialised head always trains. ``build_method_model`` is the one
+place that turns a base model into a trainable one; ``save_trained`` / ``load_trained`` write and
+read a folder that records everything ``ntk-attn eval`` needs (``training_run.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+METHODS = ("ntk", "prefix", "lora", "full", "head")
+RUN_FILE = "training_run.json"  # what eval needs: base model, task, method, columns
+HEAD_FILE = "head.safetensors"  # the trained head of a `head` run
+
+
+def check_model_source(model: str, gguf_file: str | None) -> None:
+    """Fail before training when a local model folder or its GGUF file is not there (hub names are
+    checked by the hub)."""
+    looks_local = model.startswith((".", os.path.sep, "~"))
+    if looks_local and not os.path.exists(model):
+        raise ValueError(f"model folder {model!r} does not exist")
+    if gguf_file is not None and os.path.isdir(model) and not os.path.isfile(os.path.join(model, gguf_file)):
+        raise ValueError(f"GGUF file {gguf_file!r} is not in the model folder {model!r}")
+
+
+def load_tokenizer(model: str, gguf_file: str | None = None):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model, **_gguf(gguf_file))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(model: str, task: str, *, num_labels: int | None = None, gguf_file: str | None = None, pad_token_id=None):
+    """Load the pretrained model for ``task``; return (model, names of newly initialised head modules)."""
+    if task == "classification":
+        base, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            model, num_labels=num_labels, output_loading_info=True, dtype=torch.float32, **_gguf(gguf_file)
+        )
+        head = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    else:
+        base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **_gguf(gguf_file))
+        head = []
+    if base.config.pad_token_id is None and pad_token_id is not None:
+        base.config.pad_token_id = pad_token_id  # sequence classification finds the last token by it
+    return base, head
+
+
+def _gguf(gguf_file: str | None) -> dict:
+    return {"gguf_file": gguf_file} if gguf_file else {}
+
+
+def method_config(method: str, task: str, options: dict):
+    """The config object for ``method`` with ``options`` (from ``--config key=value``) applied.
+    LoRA defaults to r=8 on PEFT's per-architecture targets (query/value for BERT, q_proj/v_proj
+    for Llama)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method in ("full", "head"):
+        if options:
+            raise ValueError(f"method {method!r} takes no --config options, got {sorted(options)}")
+        if method == "head" and task != "classification":
+            raise ValueError("method 'head' trains a classification head; it needs a classification task")
+        return None
+    if method == "lora":
+        import peft
+
+        defaults = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
+        task_type = peft.TaskType.SEQ_CLS if task == "classification" else peft.TaskType.CAUSAL_LM
+        return _make_config(peft.LoraConfig, {**defaults, **options, "task_type": task_type}, method)
+    from ..tuners import NTKConfig, PrefixConfig
+
+    config_class = NTKConfig if method == "ntk" else PrefixConfig
+    return _make_config(config_class, options, method)
+
+
+def _make_config(config_class, options: dict, method: str):
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown {method} config field(s) {unknown}; known fields: {sorted(known)}")
+    return config_class(**options)
+
+
+def build_method_model(base: torch.nn.Module, method: str, config, head_modules: list[str],
+                       gguf_file: str | None = None) -> torch.nn.Module:
+    """Wrap or freeze ``base`` for ``method``; the head modules train in every method."""
+    if method == "full":
+        return base.requires_grad_(True)
+    if method == "head":
+        base.requires_grad_(False)
+        for name in head_modules:
+            base.get_submodule(name).requires_grad_(True)
+        return base
+    config = copy.deepcopy(config)
+    config.modules_to_save = sorted(set(config.modules_to_save or []) | set(head_modules))
+    if method == "lora":
+        import peft
+
+        return peft.get_peft_model(base, config)
+    from ..tuners import get_ntk_model
+
+    config.task_type = "SEQ_CLS" if head_modules else "CAUSAL_LM" if base.can_generate() else None
+    config.gguf_file = gguf_file
+    return get_ntk_model(base, config)
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> dict:
+    """Trainable parameters, with and without the head (the head trains in every method)."""
+    trainable = trainable_parameters(model)
+    head = sum(p.numel() for name, p in trainable.items() if any(f"{h}." in name for h in head_modules))
+    total = sum(p.numel() for p in trainable.values())
+    return {"trainable_params": total, "trainable_params_excl_head": total - head,
+            "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def save_trained(model, method: str, run: dict, folder: str, tokenizer=None) -> None:
+    """Write the trained result and ``training_run.json`` into ``folder``, atomically: everything goes
+    to a temporary folder beside it, which then replaces ``folder``."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=parent)
+    try:
+        if method == "head":
+            state = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+            save_file(state, os.path.join(staging, HEAD_FILE))
+        else:
+            model.save_pretrained(staging)
+        if method == "full" and tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, RUN_FILE), "w") as handle:
+            json.dump({**run, "method": method}, handle, indent=2)
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+            os.replace(folder, os.path.join(old, "previous"))
+        os.replace(staging, folder)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_run(folder: str) -> dict:
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder!r} is not a trained-model folder from ntk-attn train: {RUN_FILE} is missing")
+    with open(path) as handle:
+        run = json.load(handle)
+    missing = [key for key in ("base_model", "task", "method") if key not in run]
+    if missing or run["method"] not in METHODS or run["task"] not in ("classification", "causal-lm"):
+        raise ValueError(f"{path}: invalid run record (missing {missing} or unknown method/task)")
+    return run
+
+
+def load_trained(folder: str):
+    """Rebuild (model, tokenizer, run record) from a folder written by ``save_trained``."""
+    run = read_run(folder)
+    method, task = run["method"], run["task"]
+    if method == "full":
+        tokenizer = load_tokenizer(folder)
+        auto = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
+        return auto.from_pretrained(folder, dtype=torch.float32), tokenizer, run
+    tokenizer = load_tokenizer(run["base_model"], run.get("gguf_file"))
+    base, _ = load_base(run["base_model"], task, num_labels=run.get("num_labels"),
+                        gguf_file=run.get("gguf_file"), pad_token_id=tokenizer.pad_token_id)
+    if method == "lora":
+        import peft
+
+        model = peft.PeftModel.from_pretrained(base, folder)
+    elif method == "head":
+        state = load_file(os.path.join(folder, HEAD_FILE))
+        missing = sorted(set(state) - set(base.state_dict()))
+        if missing:
+            raise ValueError(f"{folder}: head weights {missing} do not belong to {run['base_model']}")
+        base.load_state_dict(state, strict=False)
+        model = base
+    else:
+        from ..tuners import NTKModel
+
+        model = NTKModel.from_pretrained(base, folder)
+    return model.eval(), tokenizer, run

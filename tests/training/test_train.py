@@ -1,0 +1,106 @@
+"""Every method trains a tiny random-weight model for a few steps; eval reloads the result alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ntk_attention import cli
+from ntk_attention.training import models as M
+from ntk_attention.training.train import parse_options
+from training_helpers import train_args
+
+# method -> (extra arguments, parameters of the method itself (without the head) for the tiny BERT:
+# 2 layers, 4 heads, head dim 8, hidden 32)
+METHODS = {
+    "head": ([], 0),
+    "ntk": ([], 2 * 4 * (8 * 8 + 8)),  # elu features: r = d = 8, Z [r, d] and k [r] per head
+    "prefix": (["--config", "num_virtual_tokens=3"], 2 * 2 * 4 * 3 * 8),  # keys and values [heads, m, d]
+    "lora": ([], 2 * 2 * 8 * (32 + 32)),  # r = 8 on query and value
+    "full": ([], None),
+}
+
+
+def run_train(tmp_path, model, data, eval_data, *extra):
+    out = tmp_path / "run"
+    result_file = tmp_path / "result.json"
+    args = train_args("--model", model, "--data", data, "--eval-data", eval_data, "--train-size", "32",
+                      "--output-dir", str(out), "--result-json", str(result_file), *extra)
+    assert cli.main(args) == 0
+    return json.loads(result_file.read_text())
+
+
+def run_eval(capsys, *argv):
+    capsys.readouterr()
+    assert cli.main(["eval", *argv]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_and_eval_reloads_it(tmp_path, capsys, tiny_bert, sst_files, method):
+    extra, method_params = METHODS[method]
+    result = run_train(tmp_path, tiny_bert, *sst_files, "--method", method, "--lr", "1e-2", *extra)
+    head = 32 * 2 + 2  # the new classifier trains in every method
+    assert result["trainable_params"] - result["trainable_params_excl_head"] == head
+    if method_params is not None:
+        assert result["trainable_params_excl_head"] == method_params
+    else:
+        assert result["trainable_params"] == result["total_params"]  # everything, embeddings included
+    assert result["rows"] == {"train": 32, "validation": 16, "eval": 48}
+    assert 0 <= result["after"]["eval"]["accuracy"] <= 1 and result["train_seconds"] > 0 and result["peak_rss_mb"] > 0
+
+    run = M.read_run(result["adapter"])
+    assert (run["method"], run["task"], run["base_model"]) == (method, "classification", tiny_bert)
+    # eval needs only the folder and the data (dev's text column is 'content', found by itself).
+    evaluated = run_eval(capsys, "--adapter", result["adapter"], "--data", sst_files[1])
+    assert evaluated["rows"] == 48
+    assert evaluated["accuracy"] == pytest.approx(result["after"]["eval"]["accuracy"])
+    assert evaluated["loss"] == pytest.approx(result["after"]["eval"]["loss"], rel=1e-4)
+
+
+def test_adapter_weights_move_from_their_start(tmp_path, tiny_bert, sst_files):
+    result = run_train(tmp_path, tiny_bert, *sst_files, "--method", "ntk", "--lr", "1e-1")
+    tensors = load_file(f"{result['adapter']}/adapter_model.safetensors")
+    state = [t for name, t in tensors.items() if "classifier" not in name]
+    assert state and any(t.abs().max() > 0 for t in state)  # Z starts at 0 and must have trained
+    assert result["before"]["eval"] != result["after"]["eval"]
+
+
+def test_lr_grid_is_chosen_on_the_validation_slice(tmp_path, tiny_bert, sst_files):
+    result = run_train(tmp_path, tiny_bert, *sst_files, "--method", "head", "--lr", "1e-4", "3e-1")
+    grid = {run["learning_rate"]: run["validation"]["accuracy"] for run in result["grid"]}
+    assert set(grid) == {1e-4, 3e-1}
+    assert grid[result["learning_rate"]] == max(grid.values())
+    assert result["after"]["validation"]["accuracy"] == max(grid.values())
+
+
+def test_causal_lm_trains_on_answers_and_reports_exact_match(tmp_path, capsys, tiny_llama, math_files):
+    result = run_train(tmp_path, tiny_llama, *math_files, "--method", "ntk", "--lr", "1e-2", "--max-new-tokens", "4")
+    assert result["task"] == "causal-lm" and result["trainable_params"] == result["trainable_params_excl_head"]
+    after = result["after"]["eval"]
+    assert set(after) >= {"loss", "exact_match"} and 0 <= after["exact_match"] <= 1
+    evaluated = run_eval(capsys, "--adapter", result["adapter"], "--data", math_files[1], "--max-new-tokens", "4")
+    assert evaluated["loss"] == pytest.approx(after["loss"], rel=1e-4)
+    assert evaluated["exact_match"] == after["exact_match"] and evaluated["generated"] == 6
+
+
+def test_eval_rejects_a_folder_without_a_run_record(tmp_path, sst_files):
+    with pytest.raises(ValueError, match="training_run.json is missing"):
+        cli.main(["eval", "--adapter", str(tmp_path), "--data", sst_files[1]])
+
+
+def test_saved_folder_is_replaced_whole(tmp_path, tiny_bert):
+    base, head = M.load_base(tiny_bert, "classification", num_labels=2)
+    model = M.build_method_model(base, "head", None, head)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "stale.txt").write_text("from an older run")
+    M.save_trained(model, "head", {"base_model": tiny_bert, "task": "classification"}, str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == [M.HEAD_FILE, M.RUN_FILE]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
+    assert torch.equal(load_file(str(folder / M.HEAD_FILE))["classifier.weight"], model.classifier.weight)
+    assert parse_options([]) == {}
