@@ -57,6 +57,14 @@ def _pretrained_model(model: nn.Module) -> PreTrainedModel:
     return inner
 
 
+def _gguf_file_in(folder: str | None) -> str | None:
+    """The GGUF file a base was loaded from: the single ``.gguf`` in a folder without config.json."""
+    if not folder or not os.path.isdir(folder) or os.path.exists(os.path.join(folder, "config.json")):
+        return None
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    return files[0] if len(files) == 1 else None
+
+
 def _write_atomically(path: Path, write) -> None:
     """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -106,6 +114,7 @@ class NTKModel(nn.Module):
             )
         config = copy.deepcopy(config)
         config.base_model_name_or_path = config.base_model_name_or_path or pretrained.config._name_or_path or None
+        config.gguf_file = config.gguf_file or _gguf_file_in(config.base_model_name_or_path)
         self.base_model = model
         self.adapter_config = config
         self._base_implementation = base_impl
