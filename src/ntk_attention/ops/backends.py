@@ -44,6 +44,10 @@ class Chunked:
     """Online softmax over key blocks; backward recomputes each block (FlashAttention's scheme)."""
 
     name = "chunked"
+
+    @staticmethod
+    def supports(q, dropout_p) -> bool:
+        return True
     # Elements of one [B, H, L, block] score tile; bounds the extra memory whatever L and S are.
     tile_elements = 1 << 21
 
@@ -215,24 +219,60 @@ class FusedCUDA(_Fused):
 
     def _kernel_backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng):
         mask = self._aligned(mask, q, k)
+        # In half precision the kernel reads `out` in its own [B, L, H, D] memory layout (seen on
+        # an H100, torch 2.11: a [B, H, L, D]-contiguous `out` gives garbage dq and dk).
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             grad_out, q, k, v, mask, out, lse, rng[0], rng[1], dropout_p, [True, True, True, False], causal, scale=scale,
         )
         return dq, dk, dv
 
 
+class FlashCUDA(_Fused):
+    """PyTorch's flash-attention CUDA kernel: half precision, no mask (the usual causal LM case)."""
+
+    name = "flash-cuda"
+
+    @staticmethod
+    def supports(q, dropout_p, has_mask=False) -> bool:
+        return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and not has_mask and q.shape[-1] <= 256
+
+    def _kernel_forward(self, q, k, v, mask, causal, scale, dropout_p):
+        if mask is not None:
+            raise ValueError("flash-cuda takes no attention mask; use fused-cuda or chunked")
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, dropout_p, causal, False, scale=scale
+        )
+        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+    def _kernel_backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng):
+        cum_q, cum_k, max_q, max_k, seed, offset = rng
+        blhd = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  the kernel's layout
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            blhd(grad_out), q, k, v, blhd(out), lse, cum_q, cum_k, max_q, max_k, dropout_p, causal, seed, offset, scale=scale
+        )
+
+
 CHUNKED = Chunked()
-_FUSED = (FusedCPU(), FusedCUDA())
+_FUSED = (FusedCPU(), FlashCUDA(), FusedCUDA())
 
 
-def select_backend(q: torch.Tensor, dropout_p: float, backend: str | None = None):
-    """The fused kernel for this device/dtype where it exists, else the chunked path."""
+def select_backend(q: torch.Tensor, dropout_p: float, backend: str | None = None, has_mask: bool = False):
+    """The fused kernel for this device/dtype/mask where one exists, else the chunked path."""
     if backend is not None:
         by_name = {b.name: b for b in (*_FUSED, CHUNKED)}
         if backend not in by_name:
             raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(by_name)}")
+        if not _supports(by_name[backend], q, dropout_p, has_mask):
+            raise ValueError(f"backend {backend!r} does not support {q.dtype} on {q.device.type} with dropout_p={dropout_p}")
         return by_name[backend]
     for fused in _FUSED:
-        if fused.supports(q, dropout_p):
+        if _supports(fused, q, dropout_p, has_mask):
             return fused
     return CHUNKED
+
+
+def _supports(backend, q, dropout_p, has_mask) -> bool:
+    if isinstance(backend, FlashCUDA):
+        return backend.supports(q, dropout_p, has_mask)
+    return backend.supports(q, dropout_p)

@@ -51,7 +51,9 @@ class MergedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, ntk_stats, mask, causal, scale, dropout_p, backend):
-        input_backend = select_backend(q, dropout_p, backend)
+        # Causal with L != S becomes a mask inside the fused backends.
+        has_mask = mask is not None or (causal and q.shape[-2] != k.shape[-2])
+        input_backend = select_backend(q, dropout_p, backend, has_mask)
         states = [(input_backend, k, v, mask, causal, dropout_p)]
         if prefix_k is not None:
             states.append((select_backend(q, 0.0, backend), prefix_k, prefix_v, None, False, 0.0))
