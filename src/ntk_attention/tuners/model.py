@@ -65,7 +65,7 @@ def _gguf_file_in(folder: str | None) -> str | None:
     return files[0] if len(files) == 1 else None
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -246,14 +246,14 @@ class NTKModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.adapter_state_dict().items()}
         metadata = {"format": "pt", "method": self.adapter_config.method}
-        _write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         data = self.adapter_config.to_dict()
         data["base_model_class"] = type(_pretrained_model(self.base_model)).__name__
         if self._wraps_peft:
             self.base_model.save_pretrained(folder / PEFT_SUBFOLDER)
             data["peft_adapter_subfolder"] = PEFT_SUBFOLDER
         text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-        _write_atomically(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        write_atomically(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> "NTKModel":
