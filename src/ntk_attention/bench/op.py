@@ -4,7 +4,7 @@ Compares NTK-Attention with plain SDPA (the floor: attention without any prefix)
 reference (``ops/naive.py``, the formula with the full score matrix) and exact prefix attention
 with ``m`` prefix tokens. Timings are medians of interleaved repeats (every method runs once per
 round, so a slow-down of the machine hits all of them alike). Peak memory: on CUDA the allocator's
-peak; on CPU the growth of the peak RSS of a fresh process that runs the case once.
+peak; on CPU the growth of the resident set of a fresh process during one run (sampled).
 
     ntk-attn bench op                      # B=1, H=8, D=64, causal, float32, L up to 16k
     python -m ntk_attention.bench.op --lengths 1024 2048 --repeats 5
@@ -60,14 +60,35 @@ def make_case(method: str, L: int, m: int, args) -> callable:
     return run
 
 
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _peak_rss_worker(method, L, m, args, queue):
-    import resource
+    """Growth of the resident set during one run, sampled every 0.2 ms by a thread.
+
+    ru_maxrss cannot serve: its high-water mark is set by the imports, above what a run adds.
+    """
+    import threading
 
     torch.set_num_threads(args.threads)
     run = make_case(method, L, m, args)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak = _current_rss_mb()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _current_rss_mb())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     run()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    done.set()
+    sampler.join()
+    queue.put(peak - base)
 
 
 def peak_memory_mb(method: str, L: int, m: int, args) -> float:
