@@ -331,3 +331,12 @@ def test_flash_cuda_matches_reference(dtype, shape):
     ref_grads = torch.autograd.grad(ntk_attention_naive(qf, kf, vf, z, kvec, fmap, True, None), (qf, kf, vf, z, kvec), g)
     for name, a, b in zip("q k v z kvec".split(), grads, ref_grads):
         assert_close(a.float(), b, torch.bfloat16, f"grad {name}")
+
+
+def test_ntk_term_stays_float32_under_autocast():
+    fmap = get_feature_map("taylor")
+    q, k, v, z, kvec = make_inputs(1, 2, 2, 8, 8, 8, 8, fmap, torch.bfloat16, "cpu")
+    ref = ntk_attention(q, k, v, z, kvec, feature_map=fmap, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ntk_attention(q, k, v, z, kvec, feature_map=fmap, causal=True)
+    assert torch.equal(out, ref)

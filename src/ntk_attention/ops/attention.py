@@ -71,8 +71,10 @@ def ntk_attention(
     scale = _scale(scale, D)
     dropout_p = _check_dropout(dropout_p)
 
-    phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
-    ntk_stats = phi @ torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)  # [N | c]
+    # Under autocast these matmuls would run in bfloat16; the NTK sums need full precision.
+    with torch.autocast(q.device.type, enabled=False):
+        phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
+        ntk_stats = phi @ torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)  # [N | c]
     return MergedAttention.apply(
         q, _expand_heads(k, H), _expand_heads(v, H), None, None, ntk_stats,
         _additive_mask(attn_mask, q.dtype), bool(causal), scale, dropout_p, backend,
