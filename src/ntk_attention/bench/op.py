@@ -13,7 +13,6 @@ peak; on CPU the growth of the resident set of a fresh process during one run (s
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ntk_attention.io import save_figure, write_json, write_text
 from ntk_attention.ops import ntk_attention, prefix_attention
 from ntk_attention.ops.naive import ntk_attention_naive
 
@@ -215,14 +215,8 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"B={s['batch']} H={s['heads']} D={s['head_dim']} causal {s['dtype']} on {s['device']} "
                  f"({s.get('gpu', str(s['cpu_count']) + ' CPU cores')}, {s['threads']} threads)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(path, fig)
     plt.close(fig)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -246,12 +240,12 @@ def run(args) -> int:
     result = benchmark(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"bench-op-{args.device}"
-    write_atomic(args.out / f"{stem}.json", json.dumps(result, indent=2))
+    write_json(args.out / f"{stem}.json", result)
     md = table(result)
-    write_atomic(args.out / f"{stem}.md", f"Command: `{result['setup']['command']}`\n\n{md}\n")
+    write_text(args.out / f"{stem}.md", f"Command: `{result['setup']['command']}`\n\n{md}\n")
     plot(result, args.out / f"{stem}.png")
     print("\n" + md)
-    print("\nratios:", json.dumps(result["ratios"], indent=1))
+    print("\nratios:", {L: {k: round(v, 2) for k, v in r.items()} for L, r in result["ratios"].items()})
     print(f"\nwrote {args.out / stem}.json, .md, .png")
     return 0
 
