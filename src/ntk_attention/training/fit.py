@@ -89,21 +89,23 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
         lr_scheduler_type="linear",
         eval_strategy="epoch" if has_eval else "no",
         save_strategy="epoch",
-        save_total_limit=1,  # with load_best_model_at_end the best one is kept as well
+        save_total_limit=2,  # the last two; with load_best_model_at_end the best one as well
         load_best_model_at_end=has_eval,
         metric_for_best_model="accuracy" if classification else "loss",
         greater_is_better=classification,
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         seed=settings.seed,
+        data_seed=settings.seed,  # the shuffle must not depend on what else drew random numbers first
         logging_steps=10,
         report_to="none",
+        use_cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate run several CPU processes (gloo)
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,  # encoded data holds model inputs only; wrappers hide forward's signature
         label_names=["labels"],
     )
     collator = (transformers.DataCollatorWithPadding(tokenizer) if classification
                 else transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
-    return MethodTrainer(
+    trainer = MethodTrainer(
         model=model,
         args=args,
         train_dataset=train_data,
@@ -115,11 +117,18 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
         head_learning_rate=settings.head_learning_rate,
         save_full_checkpoints=settings.save_full_checkpoints,
     )
+    # Trainer guesses from a **kwargs forward that the loss takes num_items_in_batch and then scales it
+    # by the number of processes; classification losses are per-process means, so that doubles them.
+    trainer.model_accepts_loss_kwargs = not classification
+    return trainer
 
 
 def score(trainer: transformers.Trainer, data) -> dict:
     """Accuracy (classification) and loss of ``trainer.model`` on ``data``, without the ``eval_`` prefix."""
     metrics = trainer.evaluate(eval_dataset=data, metric_key_prefix="eval")
+    # evaluate() marks the model as prepared by accelerate; a later train() would then skip the
+    # DistributedDataParallel wrap and every process would step on its own gradients.
+    trainer.model.__dict__.pop("_is_accelerate_prepared", None)
     return {key[5:]: value for key, value in metrics.items() if key in ("eval_accuracy", "eval_loss")}
 
 

@@ -151,9 +151,9 @@ def train(args) -> dict:
     runs, best = [], None
     before = None
     for learning_rate in plan["learning_rates"]:
+        torch.manual_seed(args.seed)  # the new head's and the method's initialisation
         base, head_modules = M.load_base(plan["model"], task, num_labels=plan["num_labels"],
                                          gguf_file=args.gguf_file, pad_token_id=tokenizer.pad_token_id)
-        torch.manual_seed(args.seed)  # the method's own initialisation
         model = M.build_method_model(base, args.method, plan["method_config"], head_modules, args.gguf_file)
         settings = FitSettings(
             output_dir=os.path.join(output_dir, "checkpoints", f"lr-{learning_rate:g}"), task=task,
