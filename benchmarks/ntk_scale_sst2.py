@@ -4,10 +4,12 @@ MiniLM-L6 (all-MiniLM-L6-v2 + a new classification head) on SST-2: train on the 
 training sentences, report dev accuracy. Every run uses AdamW, a linear decay, batch 32 and the same
 learning rate for adapter and head. Runs: head only; NTK with the paper's parametrisation
 (k = softplus(theta), k/m started at softplus(-4), m = 1); NTK with the identity start at
-m in {1, 16, 64, 256}; PEFT LoRA r = 8 on query/value as the reference.
+m in {1, 16, 64, 256}; PEFT LoRA r = 8 on query/value as the reference (``--runs`` picks others).
 
-    OMP_NUM_THREADS=1 python benchmarks/ntk_scale_sst2.py --train-size 8000 --epochs 2
-writes benchmarks/results/ntk_scale_sst2.json (rewritten after each run) and prints a table.
+    OMP_NUM_THREADS=1 python benchmarks/ntk_scale_sst2.py --train-size 4000 --epochs 1
+    OMP_NUM_THREADS=1 python benchmarks/ntk_scale_sst2.py --train-size 4000 --epochs 1 --append \
+        --runs ntk:32 ntk:16@3e-3 ntk:32@3e-3 ntk:64@3e-3
+write benchmarks/results/ntk_scale_sst2.{json,md,png} (the JSON after each run) and print a table.
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ def batches(rows, tokenizer, batch_size, shuffle_seed=None):
         enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=128, return_tensors="pt")
         enc["labels"] = torch.tensor([y for _, y in chunk])
         yield enc
+
+
+DEFAULT_RUNS = ["head", "ntk-paper", "ntk:1", "ntk:16", "ntk:64", "ntk:256", "lora"]
+
+
+def parse_run(spec: str, default_lr: float) -> tuple[str, float | None, float]:
+    """``"ntk:64@3e-3"`` -> ``("ntk", 64.0, 0.003)``; m defaults to 1 for ntk-paper, None otherwise."""
+    head, _, lr = spec.partition("@")
+    method, _, m = head.partition(":")
+    if method not in ("head", "ntk-paper", "ntk", "lora") or (method == "ntk") != bool(m):
+        raise ValueError(f"--runs: bad run {spec!r}; expected head, ntk-paper, ntk:M or lora, each optionally @LR")
+    return method, float(m) if m else (1.0 if method == "ntk-paper" else None), float(lr) if lr else default_lr
 
 
 def build(method: str, model_dir: str, m: float | None):
@@ -107,6 +121,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ntk_scale_sst2.json"))
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="METHOD[:m][@lr], METHOD in head, ntk-paper, ntk, lora")
+    parser.add_argument("--append", action="store_true", help="add to the results already in --out")
     parser.add_argument("--report-only", action="store_true", help="only redo the table and plot from --out")
     args = parser.parse_args()
     if args.report_only:
@@ -117,10 +133,10 @@ def main() -> None:
     train = read_tsv(Path(args.data) / "train.tsv")
     random.Random(0).shuffle(train)
     train, dev = train[: args.train_size], read_tsv(Path(args.data) / "dev.tsv")
-    runs = [("head", None), ("ntk-paper", 1.0)] + [("ntk", m) for m in (1.0, 16.0, 64.0, 256.0)] + [("lora", None)]
-    results = []
-    for method, m in runs:
-        results.append(run_one(method, m, args.lr, train, dev, tokenizer, model_dir, args.epochs, args.batch_size))
+    results = json.loads(Path(args.out).read_text())["results"] if args.append else []
+    for spec in args.runs:
+        method, m, lr = parse_run(spec, args.lr)
+        results.append(run_one(method, m, lr, train, dev, tokenizer, model_dir, args.epochs, args.batch_size))
         print(json.dumps(results[-1]), flush=True)
         report = {
             "setup": {**vars(args), "model": "all-MiniLM-L6-v2", "optimizer": "AdamW wd=0, linear decay, no warmup", "seed": 0,
@@ -149,14 +165,17 @@ def write_table_and_plot(json_path: Path) -> None:
     write_atomically(json_path.with_suffix(".md"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
     ntk = [r for r in results if r["method"] == "ntk"]
+    baseline_lr = results[0]["lr"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["virtual_prefix_length"] for r in ntk], [r["dev_accuracy"] for r in ntk], "o-", label="NTK, identity start")
+    for lr in sorted({r["lr"] for r in ntk}):
+        points = sorted((r["virtual_prefix_length"], r["dev_accuracy"]) for r in ntk if r["lr"] == lr)
+        ax.plot(*zip(*points), "o-", label=f"NTK, identity start, lr {lr:g}")
     styles = {"head": (":", "gray"), "ntk-paper": ("--", "tab:red"), "lora": ("-.", "tab:green")}
     for r in results:
-        if r["method"] in styles:
+        if r["method"] in styles and r["lr"] == baseline_lr:
             linestyle, color = styles[r["method"]]
             ax.axhline(r["dev_accuracy"], linestyle=linestyle, color=color, label=r["method"])
-    ax.set(xscale="log", xlabel="virtual prefix length m", ylabel="SST-2 dev accuracy", title="MiniLM-L6, lr 1e-3 for adapter and head")
+    ax.set(xscale="log", xlabel="virtual prefix length m", ylabel="SST-2 dev accuracy", title="MiniLM-L6 on SST-2; same lr for adapter and head")
     ax.legend(fontsize=8)
     fig.tight_layout()
     write_atomically(json_path.with_suffix(".png"), lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -140,7 +141,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axes[1].set_ylabel("KV cache + adapter state (MiB)")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
