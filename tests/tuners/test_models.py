@@ -125,3 +125,12 @@ def test_eager_base_implementation_is_kept():
     randomize_adapter(model)
     with model.disable_adapter():
         assert torch.equal(logits(model, batch), reference)
+
+
+def test_load_for_further_training(tmp_path):
+    model = get_ntk_model(build("bert"), NTKConfig(task_type="SEQ_CLS"))
+    model.save_pretrained(tmp_path)
+    loaded = NTKModel.from_pretrained(build("bert"), tmp_path, is_trainable=True)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert loaded.adapter_config == model.adapter_config
