@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .models import METHODS
-from .train import write_json
+from ..io import save_figure, write_json, write_text
 
-DEFAULT_GRID = {"head": [1e-3, 1e-2], "ntk": [1e-2, 3e-2, 1e-1], "prefix": [1e-3, 1e-2, 3e-2],
+DEFAULT_GRID = {"head": [3e-3, 1e-2, 3e-2], "ntk": [3e-4, 1e-3, 3e-3], "prefix": [3e-3, 1e-2, 3e-2],
                 "lora": [3e-4, 1e-3, 3e-3], "full": [2e-5, 5e-5, 1e-4]}
 DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
                     "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
@@ -206,9 +206,7 @@ def write_results(out_dir: str, name: str, record: dict, variants: list[Variant]
             shutil.copytree(record["methods"][variant.label]["adapter"], target)
     write_json(os.path.join(out_dir, f"{name}.json"), record)
     table = markdown_table(record)
-    with open(os.path.join(out_dir, f".{name}.md.tmp"), "w") as handle:
-        handle.write(table)
-    os.replace(os.path.join(out_dir, f".{name}.md.tmp"), os.path.join(out_dir, f"{name}.md"))
+    write_text(os.path.join(out_dir, f"{name}.md"), table)
     plot(record, os.path.join(out_dir, name))
     print(table)
 
@@ -253,8 +251,5 @@ def plot(record: dict, prefix: str) -> None:
         axes.set_ylabel(f"dev {metric}")
         axes.set_title(f"{record['name']}: dev {metric} vs {xlabel.split(' (')[0]}")
         axes.grid(alpha=0.3)
-        figure.tight_layout()
-        temporary = f"{prefix}-{suffix}.tmp.png"
-        figure.savefig(temporary, dpi=120)
-        os.replace(temporary, f"{prefix}-{suffix}.png")
+        save_figure(f"{prefix}-{suffix}.png", figure)
         plt.close(figure)
