@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", "--d", dest="head_dim", type=positive_int, default=16, help="head dimension d")
     parser.add_argument("--prefix-lengths", "--m", dest="prefix_lengths", type=int, nargs="+",
                         default=[1, 4, 16, 64, 256, 1024, 4096], help="prefix lengths m")
-    parser.add_argument("--steps", type=positive_int, default=2000, help="full-batch gradient descent steps")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="full-batch steps")
     parser.add_argument("--optimizer", choices=("gd", "adam"), default="gd",
                         help="gd: full-batch gradient descent (the theory's setting); adam: Adam on the full batch")
     parser.add_argument("--lr", type=positive_float, default=1.0, help="step size (all models)")
