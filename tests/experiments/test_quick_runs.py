@@ -26,6 +26,19 @@ def test_approx_error_quick(tmp_path):
     assert shares == sorted(shares) and shares[-1] > 0.8
     # the trained (Z, k) beats the ELU+1 closed form it is not tied to
     assert summary[("uniform", "trained", "elu", 16)]["rel_error"] < summary[("uniform", "closed_form", "elu", 16)]["rel_error"]
+    # --replot rebuilds the same summary from the saved rows without measuring
+    (tmp_path / "approx_error.md").unlink()
+    run_cli("experiment", "approx-error", "--replot", "--out", str(tmp_path))
+    assert "slope" in (tmp_path / "approx_error.md").read_text()
+    assert json.loads((tmp_path / "approx_error.json").read_text())["summary"] == result["summary"]
+
+
+def test_replot_refuses_what_it_cannot_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the measurement first"):
+        main(["experiment", "approx-error", "--replot", "--out", str(tmp_path)])
+    (tmp_path / "approx_error.json").write_text('{"config": {}, "rows": [{"m": 4}]}')
+    with pytest.raises(ValueError, match="row 0 lacks"):
+        main(["experiment", "approx-error", "--replot", "--out", str(tmp_path)])
 
 
 def test_convergence_quick(tmp_path):

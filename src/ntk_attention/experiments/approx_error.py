@@ -13,8 +13,11 @@ inputs, averaged over ``--trials`` independent prefixes. Writes ``approx_error.j
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -41,6 +44,7 @@ from .common import (
 )
 
 DEFAULT_MAPS = ["elu", "taylor", "random:64", "random:256", "random:1024", "random:4096"]
+SLOPE_FROM = 1024  # the slope of the error is fitted over m >= this
 QUICK = dict(head_dim=16, length=32, prefix_lengths=[1, 16, 256], feature_maps=["elu", "taylor", "random:64"],
              trials=1, batch=2, train_steps=20, train_prefix_lengths=[1, 16], train_trials=1)
 
@@ -62,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-prefix-lengths", type=int, nargs="+", default=[2, 16, 128, 1024, 8192, 65536],
                         help="the m at which (Z, k) is also trained (each fit at m = 2^16 takes about a minute)")
     parser.add_argument("--train-trials", type=int, default=1, help="trials (of --trials) that also train (Z, k)")
+    parser.add_argument("--replot", action="store_true",
+                        help="measure nothing: rebuild the table and plots from approx_error.json in --out")
     add_output_arguments(parser)
 
 
@@ -71,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def experiment(args: argparse.Namespace) -> dict:
-    """Measure, save and return ``{"config", "rows", "summary"}``."""
-    apply_quick(args, add_arguments, QUICK)
-    args.prefix_lengths = check_prefix_lengths(args.prefix_lengths)
-    fmaps = [parse_feature_map(spec) for spec in args.feature_maps]
-    rows = measure(args, fmaps)
+    """Measure (or, with ``--replot``, reload), save and return ``{"config", "rows", "summary"}``."""
+    if args.replot:
+        config, rows = load_rows(args.out / "approx_error.json")
+        args = argparse.Namespace(**{**config, "out": args.out})
+    else:
+        apply_quick(args, add_arguments, QUICK)
+        args.prefix_lengths = check_prefix_lengths(args.prefix_lengths)
+        rows = measure(args, [parse_feature_map(spec) for spec in args.feature_maps])
     summary = summarise(rows)
     result = {"config": run_config(args), "rows": rows, "summary": summary}
     save_outputs(args.out / "approx_error", result, table(summary, args),
@@ -115,6 +124,35 @@ def measure(args, fmaps) -> list[dict]:
     return rows
 
 
+ROW_FIELDS = ("inputs", "method", "feature_map", "m", "r", "rel_error", "mse", "prefix_share")
+
+
+def load_rows(path: Path) -> tuple[dict, list[dict]]:
+    """The config and rows of a saved run, checked."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--replot: no {path}; run the measurement first") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--replot: {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"--replot: {path} must hold an object with 'config' and 'rows'")
+    for i, row in enumerate(data["rows"]):
+        missing = [f for f in ROW_FIELDS if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise ValueError(f"--replot: {path}: row {i} lacks {missing}")
+    return data["config"], data["rows"]
+
+
+def slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of log(error) against log(m): -1/2 is the law-of-large-numbers rate."""
+    if len(points) < 3:
+        return float("nan")
+    xs, ys = [math.log(m) for m, _ in points], [math.log(e) for _, e in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and std over trials of each (inputs, method, feature map, m)."""
     groups: dict[tuple, list[dict]] = {}
@@ -147,7 +185,11 @@ def table(summary: list[dict], args) -> str:
             share = next(s["prefix_share"] for s in part if s["m"] == m)
             body.append([m, share] + [lookup[(f, meth, m)]["rel_error"] if (f, meth, m) in lookup else "-"
                                       for f, meth in columns])
-        text.append(f"\n**inputs: {kind}** (cf = closed form, tr = trained by Adam)\n\n" + markdown_table(header, body))
+        body.append([f"slope, m >= {SLOPE_FROM}", "-"] + [
+            slope([(m, lookup[(f, meth, m)]["rel_error"]) for m in ms if m >= SLOPE_FROM and (f, meth, m) in lookup])
+            for f, meth in columns])
+        text.append(f"\n**inputs: {kind}** (cf = closed form, tr = trained by Adam; the last row is the slope of "
+                    f"log error against log m)\n\n" + markdown_table(header, body))
     return "".join(text)
 
 
