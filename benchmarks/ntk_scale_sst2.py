@@ -155,7 +155,9 @@ def write_table_and_plot(json_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    order = {"head": 0, "ntk-paper": 1, "ntk": 2, "lora": 3}
     results = json.loads(json_path.read_text())["results"]
+    results.sort(key=lambda r: (order[r["method"]], r["lr"], r["virtual_prefix_length"] or 0))
     lines = ["| method | m | lr | trainable (excl. head) | dev acc | final train loss |", "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(

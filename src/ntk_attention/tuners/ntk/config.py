@@ -22,8 +22,10 @@ class NTKConfig(AdapterConfig):
     virtual_prefix_length (m): ``Z`` and ``k`` are stored as per-token averages and multiplied by
         m, which is what a real prefix of m tokens gives (``Z = sum_j phi(kP_j) vP_j^T``). With Adam
         this sets how fast the prefix can grow against the input's own ``sum e^s``: at m = 1 (the
-        paper) the adapter barely moves at learning rates used for LoRA; see
-        ``benchmarks/ntk_scale_sst2.py`` for the measurement behind the default.
+        paper) the adapter barely moves at learning rates used for LoRA. Too large a product
+        ``lr * m`` (about 0.2 and up with Adam) lets the prefix drown the input in the first steps
+        and training collapses. The default 32 learns at lr 1e-3 and 3e-3
+        (``benchmarks/results/ntk_scale_sst2.md``); scale m down as the learning rate goes up.
     feature_map, num_features, degree, feature_seed: ``phi``: "elu" (r = d), "random"
         (``num_features`` positive random features drawn from ``feature_seed``), "taylor"
         (``degree`` 1 or 2).
@@ -45,7 +47,7 @@ class NTKConfig(AdapterConfig):
     feature_seed: int = 0
     rank: int | None = None
     rank_init_std: float = 0.1
-    virtual_prefix_length: float = 64.0
+    virtual_prefix_length: float = 32.0
     k_parametrization: str = "nonneg"
     k_init: float = 0.0
     feature_dropout: float = 0.0
