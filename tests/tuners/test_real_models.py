@@ -62,7 +62,7 @@ def test_smollm2_identity_cache_and_left_padding(smollm2, tmp_path):
             assert torch.equal(model(**batch).logits, reference)
         assert model.adapter_config.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
         randomize_adapter(model, scale=0.05)
-        greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
+        greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
         batched = model.generate(**batch, **greedy)
         assert torch.equal(batched, model.generate(**batch, use_cache=False, **greedy))
         width = batch["input_ids"].shape[1]
@@ -79,7 +79,7 @@ def test_smollm2_prefix_generation_with_cache_equals_without(smollm2):
     model = get_ntk_model(base, PrefixConfig(num_virtual_tokens=8, init_std=0.5))
     try:
         ids = tokenizer(["Once upon a time"], return_tensors="pt")
-        greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(**ids, **greedy), model.generate(**ids, use_cache=False, **greedy))
     finally:
         model.unload()
