@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from ntk_attention import NTKConfig, get_ntk_model
-from ntk_attention.tuners.model import write_atomically
+from ntk_attention.io import save_figure, write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_K_INIT = math.log1p(math.exp(-4.0))  # softplus(-4), the authors' start for k
@@ -143,8 +143,7 @@ def main() -> None:
                       "machine": "shared 2-core CPU, OMP_NUM_THREADS=1"},
             "results": results,
         }
-        text = json.dumps(report, indent=2) + "\n"
-        write_atomically(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+        write_json(args.out, report)
     write_table_and_plot(Path(args.out))
 
 
@@ -164,7 +163,7 @@ def write_table_and_plot(json_path: Path) -> None:
             f"| {r['method']} | {r['virtual_prefix_length'] or '-'} | {r['lr']:g} | {r['trainable_excl_head']:,} | "
             f"{r['dev_accuracy']:.3f} | {r['final_train_loss']:.3f} |"
         )
-    write_atomically(json_path.with_suffix(".md"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    write_text(json_path.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     ntk = [r for r in results if r["method"] == "ntk"]
     baseline_lr = results[0]["lr"]
@@ -180,7 +179,7 @@ def write_table_and_plot(json_path: Path) -> None:
     ax.set(xscale="log", xlabel="virtual prefix length m", ylabel="SST-2 dev accuracy", title="MiniLM-L6 on SST-2; same lr for adapter and head")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomically(json_path.with_suffix(".png"), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    save_figure(json_path.with_suffix(".png"), fig)
 
 
 if __name__ == "__main__":

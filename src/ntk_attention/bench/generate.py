@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import textwrap
 import threading
 import time
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import save_figure, write_json, write_text
 from ..tuners import NTKConfig, PrefixConfig, get_ntk_model
-from ..tuners.model import write_atomically
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -143,7 +142,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    save_figure(path, fig)
     plt.close(fig)
 
 
@@ -171,9 +170,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    report = json.dumps({"setup": setup, "results": rows}, indent=2) + "\n"
-    write_atomically(out / "bench_generate.json", lambda tmp: Path(tmp).write_text(report))
-    write_atomically(out / "bench_generate.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    write_json(out / "bench_generate.json", {"setup": setup, "results": rows})
+    write_text(out / "bench_generate.md", table + "\n")
     plot(rows, out / "bench_generate.png", ", ".join(f"{k}={v}" for k, v in setup.items() if k != "torch"))
     print(table)
     return 0

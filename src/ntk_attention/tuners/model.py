@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..io import write_atomically, write_text
 from .attention_hook import (
     ADAPTER_ATTR,
     SUPPORTED_BASE_IMPLEMENTATIONS,
@@ -63,19 +63,6 @@ def _gguf_file_in(folder: str | None) -> str | None:
         return None
     files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     return files[0] if len(files) == 1 else None
-
-
-def write_atomically(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict]:
@@ -253,7 +240,7 @@ class NTKModel(nn.Module):
             self.base_model.save_pretrained(folder / PEFT_SUBFOLDER)
             data["peft_adapter_subfolder"] = PEFT_SUBFOLDER
         text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-        write_atomically(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        write_text(folder / CONFIG_NAME, text)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> "NTKModel":
