@@ -163,6 +163,18 @@ def summarize(variant: Variant, results: list[dict]) -> dict:
     return summary
 
 
+def command_line(args) -> str:
+    """The command that reproduces this comparison, every option spelled out."""
+    words = ["ntk-attn", "compare"]
+    for name, value in vars(args).items():
+        if name.startswith("_") or value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if values:
+            words += ["--" + name.replace("_", "-"), *[str(v) for v in values]]
+    return shlex.join(words)
+
+
 def machine() -> dict:
     import torch
 
@@ -181,7 +193,7 @@ def run(args) -> int:
     grid = parse_grid(args.lr_grid, variants)
     if not args.seeds:
         raise ValueError("--seeds needs at least one seed")
-    record = {"name": args.name, "command": shlex.join(["ntk-attn", "compare", *sys.argv[2:]]),
+    record = {"name": args.name, "command": command_line(args),
               "machine": {**machine(), "note": args.machine_note},
               "budget": {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name, None) is not None},
               "seeds": args.seeds, "lr_grid": grid,

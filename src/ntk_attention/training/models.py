@@ -52,6 +52,11 @@ def load_base(model: str, task: str, *, num_labels: int | None = None, gguf_file
     else:
         base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **_gguf(gguf_file))
         head = []
+    quantizer = getattr(base, "hf_quantizer", None)
+    if gguf_file and quantizer is not None and all(p.is_floating_point() for p in base.parameters()):
+        # transformers de-quantises GGUF weights to float32 on load but keeps the GGUF "quantizer",
+        # and Trainer refuses to train a "quantized" model that is not a PEFT model.
+        quantizer.remove_quantization_config(base)
     if base.config.pad_token_id is None and pad_token_id is not None:
         base.config.pad_token_id = pad_token_id  # sequence classification finds the last token by it
     return base, head

@@ -1,0 +1,53 @@
+"""`ntk-attn compare` end to end on a tiny model: JSON shape, selection on validation, table, plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from ntk_attention import cli
+from ntk_attention.training.compare import parse_grid, parse_variant
+
+
+def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_bert, sst_files):
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["compare", "--name", "tiny", "--variants", "head", "ntk-m4=ntk:virtual_prefix_length=4",
+            "--lr-grid", "head=1e-2", "ntk-m4=1e-3,3e-2", "--seeds", "0", "1", "--jobs", "2",
+            "--model", tiny_bert, "--data", sst_files[0], "--eval-data", sst_files[1], "--train-size", "24",
+            "--validation", "16", "--epochs", "1", "--batch-size", "8", "--threads", "1",
+            "--out-dir", str(out), "--work-dir", str(work)]
+    assert cli.main(argv) == 0
+    record = json.loads((out / "tiny.json").read_text())
+    assert set(record["methods"]) == {"head", "ntk-m4"} and "tiny" in record["command"]
+    assert record["budget"]["train_size"] == 24 and record["machine"]["cpu_count"] >= 1
+    ntk = record["methods"]["ntk-m4"]
+    assert ntk["config"] == {"virtual_prefix_length": 4}
+    grid = ntk["validation_grid"]
+    assert set(grid) == {"0.001", "0.03"} and grid[f"{ntk['learning_rate']:g}"] == max(grid.values())
+    assert ntk["dev_accuracy"] == pytest.approx(statistics.mean(ntk["dev_accuracy_per_seed"]))
+    assert ntk["dev_accuracy_std"] == pytest.approx(statistics.stdev(ntk["dev_accuracy_per_seed"]))
+    for key in ("trainable_params", "train_seconds", "peak_rss_mb"):
+        assert ntk[key] > 0
+    assert record["methods"]["head"]["trainable_params_excl_head"] == 0
+    assert "| ntk-m4 |" in (out / "tiny.md").read_text()
+    for plot in ("tiny-params.png", "tiny-time.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "tiny" / "ntk-m4" / "adapter_model.safetensors").is_file()
+    # A second call finds every run done and rewrites the same numbers without training again.
+    (out / "tiny.json").unlink()
+    assert cli.main(argv) == 0
+    assert json.loads((out / "tiny.json").read_text())["methods"] == record["methods"]
+
+
+def test_variant_and_grid_specs():
+    variants = [parse_variant("lora"), parse_variant("p64=prefix:num_virtual_tokens=64")]
+    assert (variants[1].label, variants[1].method, variants[1].config) == ("p64", "prefix", ["num_virtual_tokens=64"])
+    assert parse_grid(["prefix=1e-2,3e-2"], variants)["p64"] == [1e-2, 3e-2]
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_variant("x=adapter")
+    with pytest.raises(ValueError, match="naming one of"):
+        parse_grid(["full=1e-5"], variants)
+    with pytest.raises(ValueError, match="must be numbers"):
+        parse_grid(["lora=fast"], variants)
