@@ -37,7 +37,8 @@ def run_eval(capsys, *argv):
     capsys.readouterr()
     assert cli.main(["eval", *argv]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    return json.loads(lines[-1])
+    assert len(lines) == 1  # one JSON object and nothing else on stdout
+    return json.loads(lines[0])
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -8,8 +8,10 @@ tokens only) and ``exact_match`` of the final number, greedy decoding, for causa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import sys
 import tempfile
 
 import datasets
@@ -98,5 +100,7 @@ def evaluate(args) -> dict:
 
 
 def run(args) -> int:
-    print(json.dumps(evaluate(args)))
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer's log lines; stdout carries the JSON alone
+        result = evaluate(args)
+    print(json.dumps(result))
     return 0
