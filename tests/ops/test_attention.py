@@ -76,7 +76,8 @@ SHAPES = [  # B, H, H_kv, L, S, D, Dv
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mask_kind,causal", [(None, False), (None, True), ("padding", True), ("random-bool", False), ("float", True)])
+@pytest.mark.parametrize("mask_kind,causal", [(None, False), (None, True), ("padding", True), ("padding", False),
+                                              ("random-bool", False), ("float", True), ("float", False)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_ntk_attention_matches_reference(device, backend, shape, mask_kind, causal, dtype):
     skip_unsupported(backend, dtype)

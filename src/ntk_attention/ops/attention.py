@@ -23,6 +23,26 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _fold_groups(q, k, v, ntk_stats, mask, causal):
+    """Grouped-query attention without copying k and v: the G query heads that share one key/value
+    head become G times more query rows of that head. Valid when rows do not depend on their
+    position (no causal mask) and the mask is the same for every head; None where it does not apply.
+    """
+    B, H, L, D = q.shape
+    H_kv = k.shape[1]
+    G = H // H_kv
+    if G == 1 or causal or (mask is not None and mask.dim() == 4 and mask.shape[1] != 1):
+        return None
+    if mask is not None and mask.shape[-2] != 1:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        mask = mask.unsqueeze(2).expand(mask.shape[0], 1, G, L, mask.shape[-1]).reshape(mask.shape[0], 1, G * L, mask.shape[-1])
+
+    def fold(x):
+        return x.reshape(B, H_kv, G * L, x.shape[-1])
+
+    return fold(q), k, v, fold(ntk_stats), mask
+
+
 def _check_dropout(dropout_p) -> float:
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
@@ -75,9 +95,13 @@ def ntk_attention(
     with torch.autocast(q.device.type, enabled=False):
         phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
         ntk_stats = phi @ torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)  # [N | c]
+    mask = _additive_mask(attn_mask, q.dtype)
+    folded = _fold_groups(q, k, v, ntk_stats, mask, causal)
+    if folded is not None:
+        out = MergedAttention.apply(*folded[:3], None, None, *folded[3:], False, scale, dropout_p, backend)
+        return out.reshape(B, H, L, D_v)
     return MergedAttention.apply(
-        q, _expand_heads(k, H), _expand_heads(v, H), None, None, ntk_stats,
-        _additive_mask(attn_mask, q.dtype), bool(causal), scale, dropout_p, backend,
+        q, _expand_heads(k, H), _expand_heads(v, H), None, None, ntk_stats, mask, bool(causal), scale, dropout_p, backend
     )
 
 

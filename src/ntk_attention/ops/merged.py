@@ -29,10 +29,11 @@ def _floor(dtype: torch.dtype) -> float:
 
 def merge_weights(lses: list[torch.Tensor], den: torch.Tensor | None):
     """Weights ``w_i`` of each softmax state and ``beta`` of the linear state, all [B, H, L, 1]."""
-    logs = list(lses)
+    total = lses[0]
+    for lse in lses[1:]:
+        total = torch.logaddexp(total, lse)
     if den is not None:
-        logs.append(torch.log(den))  # log 0 = -inf is fine inside logsumexp
-    total = torch.stack(logs).logsumexp(0)
+        total = torch.logaddexp(total, torch.log(den))  # log 0 = -inf is fine here
     dead = torch.isneginf(total)  # sees no key and c = 0: output 0, gradient 0
     total = torch.logaddexp(total, torch.full_like(total, _floor(total.dtype)).log())
     weights = [torch.exp(lse - total).masked_fill(dead, 0).unsqueeze(-1) for lse in lses]
