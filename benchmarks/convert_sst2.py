@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--finetune-size", type=int, default=2000)
     parser.add_argument("--finetune-lr", type=float, default=0.03)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/theory/convert_sst2"))
+    parser.add_argument("--adapters-dir", type=Path, default=Path("runs/theory-sst2-conversions"),
+                        help="where the converted adapters are saved (large; not results)")
     args = parser.parse_args()
     prefix_model, tokenizer, run = M.load_trained(str(args.adapter))
     if run["method"] != "prefix":
@@ -65,7 +67,7 @@ def main() -> None:
     for spec in args.feature_maps:
         name, _, option = spec.partition(":")
         ntk = ntk_from_prefix(prefix_model, feature_map=name, **({"num_features": int(option)} if option else {}))
-        folder = args.out.parent / f"{args.out.name}-{spec.replace(':', '-')}"
+        folder = args.adapters_dir / f"{args.out.name}-{spec.replace(':', '-')}"
         M.save_trained(ntk, "ntk", {**run, "method": "ntk"}, str(folder))
         rows.append({"model": f"closed form, {spec}", **score(folder, args.data, args.eval_size)})
         if args.finetune_epochs > 0:
