@@ -17,6 +17,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results and adapters are for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
