@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (command words) -> (module, one-line help)
@@ -52,9 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ntk-attn: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
         return 2
     args = parser.parse_args(rest)
-    result = args._run(args)
-    return int(result or 0)
+    return int(args._run(args) or 0)
+
+
+def console_main() -> int:
+    """The console script: bad input (ValueError, TypeError, FileNotFoundError) becomes one line
+    on stderr and exit code 2; NTK_ATTN_DEBUG=1 shows the traceback instead."""
+    try:
+        return main()
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if os.environ.get("NTK_ATTN_DEBUG"):
+            raise
+        print(f"ntk-attn: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -1,6 +1,5 @@
 """Fast paths (fused kernel, chunked) against the plain references in ops/naive.py."""
 
-import itertools
 
 import pytest
 import torch

@@ -8,16 +8,15 @@ independent in it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .. import io
+from ..io import write_json, write_text
 from ..ops import FeatureMap, get_feature_map, ntk_attention, prefix_attention
 
 DEFAULT_OUT = Path("benchmarks/results/theory")
@@ -271,37 +270,12 @@ def fit_ntk_state(sampler: InputSampler, prefix_k, prefix_v, fmap: FeatureMap, c
 # saving
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_json(path: Path, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.write("\n")
-
-    _atomic_write(Path(path), write)
+    write_json(path, obj, indent=1)
 
 
 def save_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(Path(path), write)
+    write_text(path, text)
 
 
 def save_outputs(stem: Path, result: dict, text: str, figures: dict) -> None:
@@ -324,7 +298,7 @@ def run_config(args: argparse.Namespace) -> dict:
 def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    io.save_figure(path, fig)
     plt.close(fig)
 
 
