@@ -48,6 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--work-dir", default="runs/gsm8k-smollm2")
     parser.add_argument("--out", default="benchmarks/results/gsm8k-smollm2")
     parser.add_argument("--loss-size", type=int, default=50, help="test problems for the answer-token loss")
+    parser.add_argument("--reuse", action="store_true", help="score adapters already trained in --work-dir again")
     parser.add_argument("--score", default=None, help="internal: score 'base' or an adapter folder, print JSON")
     return parser.parse_args(argv)
 
@@ -110,7 +111,8 @@ def train_and_score(args, method: str) -> dict:
              "--threads", str(args.threads), "--output-dir", folder, "--result-json", os.path.join(folder, "train.json")]
     if METHODS[method]:
         train += ["--config", *METHODS[method]]
-    run_json(train, os.path.join(folder, "train.log"))
+    if not (args.reuse and os.path.isfile(os.path.join(folder, "train.json"))):
+        run_json(train, os.path.join(folder, "train.log"))
     with open(os.path.join(folder, "train.json")) as handle:
         trained = json.load(handle)
     scored = json.loads(run_child(args, os.path.join(folder, "score.log"), "--score", os.path.join(folder, "adapter")))
