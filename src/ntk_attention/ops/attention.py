@@ -80,8 +80,10 @@ def ntk_attention(
     Shapes: q ``[B,H,L,D]``, k ``[B,H_kv,S,D]``, v ``[B,H_kv,S,D_v]``, z ``[H,r,D_v]``,
     kvec ``[H,r]`` with ``r = feature_map.feature_dim(D)``; returns ``[B,H,L,D_v]`` in q's dtype.
     ``dropout_p`` drops softmax weights over the input (not the NTK term). ``backend`` forces
-    ``"fused-cpu"``, ``"fused-cuda"`` or ``"chunked"``; by default the fused kernel is used where
-    it supports the inputs. Memory is O(L); no L x S matrix is built unless ``attn_mask`` is one.
+    ``"fused-cpu"``, ``"flash-cuda"``, ``"fused-cuda"`` or ``"chunked"``; by default a fused kernel
+    is used where one supports the inputs. Memory is O(L): no L x S matrix is built, except the
+    causal mask handed to a fused kernel when L != S (decoding over a cache) or an ``attn_mask``
+    that is already one.
     """
     B, H, H_kv, L, S, D, D_v = check_qkv(q, k, v)
     fmap = get_feature_map(feature_map)

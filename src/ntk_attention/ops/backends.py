@@ -46,7 +46,7 @@ class Chunked:
     name = "chunked"
 
     @staticmethod
-    def supports(q, dropout_p) -> bool:
+    def supports(q, dropout_p, has_mask) -> bool:
         return True
     # Elements of one [B, H, L, block] score tile; bounds the extra memory whatever L and S are.
     tile_elements = 1 << 21
@@ -178,7 +178,7 @@ class FusedCPU(_Fused):
     name = "fused-cpu"
 
     @staticmethod
-    def supports(q, dropout_p) -> bool:
+    def supports(q, dropout_p, has_mask) -> bool:
         return q.device.type == "cpu" and dropout_p == 0.0 and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
 
     def _kernel_forward(self, q, k, v, mask, causal, scale, dropout_p):
@@ -197,7 +197,7 @@ class FusedCUDA(_Fused):
     name = "fused-cuda"
 
     @staticmethod
-    def supports(q, dropout_p) -> bool:
+    def supports(q, dropout_p, has_mask) -> bool:
         return q.device.type == "cuda" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
     @staticmethod
@@ -234,7 +234,7 @@ class FlashCUDA(_Fused):
     name = "flash-cuda"
 
     @staticmethod
-    def supports(q, dropout_p, has_mask=False) -> bool:
+    def supports(q, dropout_p, has_mask) -> bool:
         return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and not has_mask and q.shape[-1] <= 256
 
     def _kernel_forward(self, q, k, v, mask, causal, scale, dropout_p):
@@ -263,16 +263,10 @@ def select_backend(q: torch.Tensor, dropout_p: float, backend: str | None = None
         by_name = {b.name: b for b in (*_FUSED, CHUNKED)}
         if backend not in by_name:
             raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(by_name)}")
-        if not _supports(by_name[backend], q, dropout_p, has_mask):
+        if not by_name[backend].supports(q, dropout_p, has_mask):
             raise ValueError(f"backend {backend!r} does not support {q.dtype} on {q.device.type} with dropout_p={dropout_p}")
         return by_name[backend]
     for fused in _FUSED:
-        if _supports(fused, q, dropout_p, has_mask):
+        if fused.supports(q, dropout_p, has_mask):
             return fused
     return CHUNKED
-
-
-def _supports(backend, q, dropout_p, has_mask) -> bool:
-    if isinstance(backend, FlashCUDA):
-        return backend.supports(q, dropout_p, has_mask)
-    return backend.supports(q, dropout_p)
