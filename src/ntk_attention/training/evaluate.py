@@ -53,7 +53,7 @@ def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int
     """Greedy-decode an answer for every prompt and compare its final number with the reference's."""
     model.eval()
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoders pad on the left
     hits = 0
     for start in tqdm(range(0, len(table), batch_size), desc="generate"):
         rows = table[start:start + batch_size]
@@ -64,7 +64,7 @@ def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int
         texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         hits += sum(final_number(text) == final_number(answer) and final_number(answer) is not None
                     for text, answer in zip(texts, rows[columns.answer]))
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = padding_side
     return {"exact_match": hits / len(table), "generated": len(table)}
 
 
