@@ -24,7 +24,7 @@ from . import data as D
 from . import models as M
 from .fit import FitSettings, make_trainer, peak_rss_mb, score
 
-# NTKConfig's default virtual_prefix_length = 64 scales the NTK state, so LoRA-like rates suit it
+# NTKConfig scales the NTK state by virtual_prefix_length (default 32), so LoRA-like rates suit it
 # (benchmarks/results/ntk_scale_sst2.json); the head learns too slowly at 1e-3 on small budgets.
 DEFAULT_LR = {"ntk": 1e-3, "prefix": 3e-2, "lora": 1e-3, "full": 5e-5, "head": 1e-2}
 DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512}
