@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tuner_models import build, inputs_for
+from tuner_models import build, inputs_for, train_steps
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
 
@@ -16,15 +16,7 @@ def test_ntk_and_lora_train_save_and_load_together(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable) and any(".ntk_adapter." in n for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, steps=5, lr=1e-2)
     assert losses[-1] < losses[0]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from tuner_models import randomize_adapter
+from tuner_models import randomize_adapter, train_steps
 
 from ntk_attention import NTKConfig, NTKModel, PrefixConfig, get_ntk_model
 
@@ -30,15 +30,7 @@ def test_minilm_identity_count_training_and_round_trip(minilm_dir, tmp_path):
     assert ntk == 6 * 12 * (32 * 32 + 32) == 76_032
     assert {n for n in model.adapter_state_dict() if ".ntk_adapter." not in n} == {"classifier.weight", "classifier.bias"}
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model.train()
-    losses = []
-    for _ in range(4):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, steps=4, lr=1e-3)
     assert losses[-1] < losses[0]
     model.eval()
     with torch.no_grad():

@@ -69,3 +69,17 @@ def randomize_adapter(model, seed: int = 3, scale: float = 0.5) -> None:
 
 def adapter_names(model) -> set[str]:
     return set(model.adapter_state_dict())
+
+
+def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
+    """A few AdamW steps on the trainable parameters; the training losses, first to last."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
