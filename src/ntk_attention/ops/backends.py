@@ -134,14 +134,18 @@ class Chunked:
 class _Fused:
     """Shared handling for the fused kernels: mask building, equal head dims, rows that see nothing."""
 
-    def _prepare(self, q, k, v, mask, causal):
+    @staticmethod
+    def _kernel_mask(q, k, mask, causal):
+        """(additive mask in q's dtype or None, is_causal for the kernel, which is top-left aligned)."""
         L, S = q.shape[-2], k.shape[-2]
         kernel_causal = causal and mask is None and L == S
         if causal and not kernel_causal:
             cb = causal_bias(L, S, q.device, q.dtype)
             mask = cb if mask is None else mask + cb
-        if mask is not None:
-            mask = mask.to(q.dtype)
+        return (None if mask is None else mask.to(q.dtype)), kernel_causal
+
+    @staticmethod
+    def _pad_heads(q, k, v):
         # The kernels want one head dim: zero-padding q/k does not change scores, and zero-padding v
         # only adds output columns that are sliced off.
         D, Dv = q.shape[-1], v.shape[-1]
@@ -149,28 +153,28 @@ class _Fused:
             q, k = F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D))
         elif D > Dv:
             v = F.pad(v, (0, D - Dv))
-        return q, k, v, mask, kernel_causal
+        return q, k, v
 
     def forward(self, q, k, v, mask, causal, scale, dropout_p=0.0):
         Dv = v.shape[-1]
-        qp, kp, vp, full_mask, kernel_causal = self._prepare(q, k, v, mask, causal)
-        out, kernel_lse, rng = self._kernel_forward(qp, kp, vp, full_mask, kernel_causal, scale, dropout_p)
+        full_mask, kernel_causal = self._kernel_mask(q, k, mask, causal)
+        out, kernel_lse, rng = self._kernel_forward(*self._pad_heads(q, k, v), full_mask, kernel_causal, scale, dropout_p)
         lse = kernel_lse[..., : q.shape[-2]].to(_lse_dtype(q))
         dead = _dead_rows(full_mask, q.shape)
         if dead is not None:  # the kernels report lse = 0 (CPU) for rows that see nothing
             lse = lse.masked_fill(dead, float("-inf"))
             out = out.masked_fill(dead.unsqueeze(-1), 0.0)
-        # The backward gets the kernel's own lse (its shape and its values for dead rows).
-        return out[..., :Dv], lse, (kernel_lse, rng)
+        # The backward gets the kernel's own lse (its shape and its values for dead rows) and the
+        # mask built here, rather than building it again.
+        return out[..., :Dv], lse, (kernel_lse, rng, full_mask, kernel_causal)
 
     def backward(self, grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, saved):
         D, Dv = q.shape[-1], v.shape[-1]
-        kernel_lse, rng = saved
-        qp, kp, vp, full_mask, kernel_causal = self._prepare(q, k, v, mask, causal)
+        kernel_lse, rng, full_mask, kernel_causal = saved
         if D > Dv:
             grad_out, out = F.pad(grad_out, (0, D - Dv)), F.pad(out, (0, D - Dv))
-        dq, dk, dv = self._kernel_backward(grad_out.contiguous(), qp, kp, vp, out.contiguous(), kernel_lse,
-                                           full_mask, kernel_causal, scale, dropout_p, rng)
+        dq, dk, dv = self._kernel_backward(grad_out.contiguous(), *self._pad_heads(q, k, v), out.contiguous(),
+                                           kernel_lse, full_mask, kernel_causal, scale, dropout_p, rng)
         return dq[..., :D], dk[..., :D], dv[..., :Dv]
 
 
