@@ -7,7 +7,7 @@ reads it) and scores the prefix adapter and every conversion on the evaluation d
 scored again.
 
     OMP_NUM_THREADS=1 python benchmarks/convert_sst2.py --adapter runs/sst2-prefix/adapter \\
-        --data ../shared/data/sst2/dev.tsv --feature-maps elu random:256 random:4096
+        --data ../shared/data/sst2/dev.tsv --feature-maps elu taylor random:256 random:4096
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="folder from ntk-attn train --method prefix")
     parser.add_argument("--data", default="../shared/data/sst2/dev.tsv")
     parser.add_argument("--eval-size", type=int, default=None)
-    parser.add_argument("--feature-maps", nargs="+", default=["elu", "random:256", "random:4096"])
+    parser.add_argument("--feature-maps", nargs="+", default=["elu", "taylor", "random:256", "random:4096"],
+                        help="elu, taylor[:degree], random:num_features")
     parser.add_argument("--finetune-epochs", type=float, default=0, help="also fine-tune each conversion (0: no)")
     parser.add_argument("--finetune-data", default=D.embedded_sst2("train"))
     parser.add_argument("--finetune-size", type=int, default=2000)
@@ -65,8 +66,9 @@ def main() -> None:
         raise ValueError(f"{args.adapter} holds a {run['method']!r} run; convert a --method prefix run")
     rows = [{"model": "prefix adapter", **score(args.adapter, args.data, args.eval_size)}]
     for spec in args.feature_maps:
-        name, _, option = spec.partition(":")
-        ntk = ntk_from_prefix(prefix_model, feature_map=name, **({"num_features": int(option)} if option else {}))
+        name, _, option = spec.partition(":")  # elu, taylor[:degree], random:num_features
+        options = {({"taylor": "degree"}).get(name, "num_features"): int(option)} if option else {}
+        ntk = ntk_from_prefix(prefix_model, feature_map=name, **options)
         folder = args.adapters_dir / f"{args.out.name}-{spec.replace(':', '-')}"
         M.save_trained(ntk, "ntk", {**run, "method": "ntk"}, str(folder))
         rows.append({"model": f"closed form, {spec}", **score(folder, args.data, args.eval_size)})

@@ -135,25 +135,27 @@ def _adapted_modules(model: NTKModel) -> list[tuple[nn.Module, nn.Module]]:
 def _ntk_adapter(base: nn.Module, tensors, config: NTKConfig) -> NTKModel:
     if config.rank is not None:
         raise ValueError("the closed form gives a full Z: leave rank=None (a low-rank Z can be fitted afterwards)")
-    model = get_ntk_model(base, config)
     fmap = config.build_feature_map()
+    if not fmap.nonnegative:
+        raise ValueError(f"feature map {fmap!r} has a kernel phi(q).phi(k) that can be negative (degree-1 Taylor: 1 + s), "
+                         "so the denominator phi(q)^T k of the conversion can be <= 0; use taylor degree 2, elu or random")
+    model = get_ntk_model(base, config)
     with torch.no_grad():
         for (module, layer), (k, v) in zip(_adapted_modules(model), tensors):
             groups = layer.geometry.heads // k.shape[0]  # Z and k per query head: repeat each KV head
             z, kvec = prefix_to_ntk(k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0),
                                     feature_map=fmap, scale=getattr(module, "scaling", None))
-            if (kvec < 0).any():
-                raise ValueError(
-                    f"feature map {config.feature_map!r} gives negative entries in k = sum phi(K) (its features can be "
-                    "negative), which NTKConfig's k parametrisations cannot hold; use 'elu' or 'random'"
-                )
-            layer.z.copy_(z / layer.m)
-            layer.k.copy_(kvec / layer.m if config.k_parametrization == "nonneg" else torch.log(torch.expm1(kvec / layer.m)))
+            layer.set_ntk_state(z, kvec)
     return model
 
 
 def _ntk_config(m: int, fields: dict, feature_map: str, options: dict) -> NTKConfig:
-    """NTK config of a conversion: Z and k stored as averages over the m prefix tokens (``virtual_prefix_length = m``)."""
+    """NTK config of a conversion: Z and k stored as averages over the m prefix tokens (``virtual_prefix_length = m``).
+
+    Taylor features have signed components, so their ``k = sum phi(K)`` is stored unconstrained
+    (``k_parametrization="signed"``) unless the caller chose otherwise.
+    """
+    options = {"k_parametrization": "signed" if feature_map == "taylor" else "nonneg", **options}
     return NTKConfig(feature_map=feature_map, virtual_prefix_length=float(m), **fields, **options)
 
 
@@ -172,9 +174,12 @@ def ntk_from_prefix(prefix_model: nn.Module, feature_map: str = "elu", **feature
     prefix_model: an ``NTKModel`` with a ``PrefixConfig`` adapter (its trained heads come along) or a PEFT
         prefix-tuning model on a decoder. It is not modified: the result wraps a copy of its base.
     feature_map, feature_options: as ``NTKConfig`` takes them (``"elu"``; ``"random"`` with
-        ``num_features`` and ``feature_seed``; other NTKConfig fields such as ``feature_dropout`` too).
-        Exact up to the feature map's approximation of ``e^{q.k}``: ``random`` is unbiased, ``elu`` is
-        not an approximation at all (a starting point for fine-tuning rather than a copy).
+        ``num_features`` and ``feature_seed``; ``"taylor"`` with ``degree=2``; other NTKConfig fields such
+        as ``feature_dropout`` too). Exact up to the feature map's approximation of ``e^{q.k}``:
+        ``taylor`` replaces it by ``1 + s + s^2/2`` (close for small logits; ``k`` is stored signed),
+        ``random`` is unbiased, ``elu`` is not an approximation at all (a starting point for
+        fine-tuning rather than a copy). Taylor degree 1 is refused: ``1 + s`` can make the
+        denominator negative.
     """
     tensors = prefix_tensors(prefix_model)
     fields = _adapter_fields(prefix_model)

@@ -7,7 +7,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from ntk_attention import prefix_to_ntk
 from ntk_attention.convert import compress_context, context_prefix, ntk_from_prefix, prefix_from_peft, prefix_tensors
-from ntk_attention.tuners import NTKConfig, PrefixConfig, get_ntk_model
+from ntk_attention.tuners import NTKConfig, NTKModel, PrefixConfig, get_ntk_model
 
 VOCAB = 64
 
@@ -83,6 +83,40 @@ def test_random_features_approximate_the_prefix_model_and_improve_with_r():
     assert gaps[1] < gaps[0] and gaps[1] < 0.3
 
 
+def test_taylor_conversion_stores_a_signed_k_and_is_near_exact_for_small_logits():
+    prefix_model = randomised_prefix_model(tiny_llama(), m=8, std=1.0)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    ntk = ntk_from_prefix(prefix_model, feature_map="taylor", degree=2)
+    assert ntk.adapter_config.k_parametrization == "signed"
+    for (k, v), layer in zip(prefix_tensors(prefix_model), ntk.adapter_layers()):
+        z, kvec = layer.ntk_state()
+        z_ref, k_ref = prefix_to_ntk(k.repeat_interleave(2, 0), v.repeat_interleave(2, 0), feature_map="taylor", scale=8**-0.5)
+        assert (k_ref < 0).any()  # what "nonneg" could not store
+        torch.testing.assert_close(z, z_ref)
+        torch.testing.assert_close(kvec, k_ref)
+    with torch.no_grad():
+        exact = prefix_model(input_ids=ids).logits
+        with prefix_model.disable_adapter():
+            no_prefix = prefix_model(input_ids=ids).logits
+        taylor_gap = relative_gap(ntk(input_ids=ids).logits, exact, no_prefix)
+        elu_gap = relative_gap(ntk_from_prefix(prefix_model, feature_map="elu")(input_ids=ids).logits, exact, no_prefix)
+    # the tiny model's logits q.k are small, where 1 + s + s^2/2 is close to e^s; ELU+1 is not
+    assert taylor_gap < 0.02 and taylor_gap < elu_gap / 10
+
+
+def test_signed_k_round_trips_save_and_load(tmp_path):
+    ntk = ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="taylor")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    ntk.save_pretrained(tmp_path)
+    loaded = NTKModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert loaded.adapter_config.k_parametrization == "signed"
+    for a, b in zip(ntk.adapter_layers(), loaded.adapter_layers()):
+        assert (b.ntk_state()[1] < 0).any()
+        torch.testing.assert_close(a.ntk_state(), b.ntk_state(), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ntk(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_trained_heads_come_along():
     torch.manual_seed(0)
     base = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
@@ -132,8 +166,10 @@ def test_conversion_errors():
         ntk_from_prefix(model)
     with pytest.raises(TypeError, match="method 'ntk'"):
         ntk_from_prefix(get_ntk_model(tiny_llama(), NTKConfig()))
-    with pytest.raises(ValueError, match="negative entries"):
-        ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="taylor")
+    with pytest.raises(ValueError, match="k_parametrization='signed'"):
+        ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="taylor", k_parametrization="nonneg")
+    with pytest.raises(ValueError, match="can be <= 0"):
+        ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="taylor", degree=1)
     with pytest.raises(ValueError, match="feature_map must be one of"):
         ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="softmax")
     with pytest.raises(ValueError, match="non-empty string"):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ...ops import FeatureMap, get_feature_map
 from ..config import AdapterConfig
 
-K_PARAMETRIZATIONS = ("nonneg", "softplus")
+K_PARAMETRIZATIONS = ("nonneg", "softplus", "signed")
 
 
 @dataclass
@@ -34,7 +34,11 @@ class NTKConfig(AdapterConfig):
     rank_init_std: standard deviation of the low-rank factors at the start.
     k_parametrization: "nonneg" (default): ``k = max(theta, 0)`` started at ``k_init = 0``, the exact
         pretrained model, with the gradient of a projection so ``k`` trains from the first step;
-        "softplus": ``k = softplus(theta)`` (the authors' code; ``k_init > 0``, not an identity start).
+        "softplus": ``k = softplus(theta)`` (the authors' code; ``k_init > 0``, not an identity start);
+        "signed": ``k = theta`` unconstrained, for closed-form conversions with Taylor features, whose
+        ``k = sum phi(K)`` has negative entries although ``phi(q)^T k`` (a sum of ``1 + s + s^2/2``) is
+        positive. The operator clamps ``phi(q)^T k`` at 0, so a fine-tune that drives it below 0 drops
+        the prefix's mass in that row: train from scratch with "nonneg".
     k_init: the per-token average ``k / m`` at the start.
     feature_dropout: dropout on ``phi(q)`` during training (off in eval).
     """

@@ -63,8 +63,8 @@ class NTKLayer(AdapterLayer):
             b = torch.randn(H, half, d_v) * config.rank_init_std
             self.z_a = nn.Parameter(torch.cat([a, a], dim=-1))
             self.z_b = nn.Parameter(torch.cat([b, b], dim=-2))
-        # theta with k = max(theta, 0) or softplus(theta), so that k / m starts at k_init.
-        theta = config.k_init if config.k_parametrization == "nonneg" else math.log(math.expm1(config.k_init))
+        # theta with k = max(theta, 0), softplus(theta) or theta, so that k / m starts at k_init.
+        theta = math.log(math.expm1(config.k_init)) if config.k_parametrization == "softplus" else config.k_init
         self.k = nn.Parameter(torch.full((H, r), float(theta)))
 
     def ntk_state(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +75,27 @@ class NTKLayer(AdapterLayer):
             half = self.z_a.shape[-1] // 2
             # Two products subtracted (not one matmul over a signed rank): equal halves give exactly 0.
             z = self.z_a[..., :half] @ self.z_b[:, :half] - self.z_a[..., half:] @ self.z_b[:, half:]
-        k = _NonNegative.apply(self.k) if self.k_parametrization == "nonneg" else F.softplus(self.k)
+        k = self.k  # "signed"
+        if self.k_parametrization == "nonneg":
+            k = _NonNegative.apply(self.k)
+        elif self.k_parametrization == "softplus":
+            k = F.softplus(self.k)
         return self.m * z, self.m * k
+
+    def set_ntk_state(self, z: torch.Tensor, kvec: torch.Tensor) -> None:
+        """Store ``(Z [H, r, d_v], k [H, r])`` as the operator takes them: the inverse of ``ntk_state`` (full Z only)."""
+        if not hasattr(self, "z"):
+            raise ValueError("set_ntk_state needs a full Z: the adapter has rank set")
+        if z.shape != self.z.shape or kvec.shape != self.k.shape:
+            raise ValueError(f"set_ntk_state: expected z {tuple(self.z.shape)} and k {tuple(self.k.shape)}, "
+                             f"got {tuple(z.shape)} and {tuple(kvec.shape)}")
+        per_token = kvec / self.m
+        if self.k_parametrization != "signed" and (per_token < 0).any():
+            raise ValueError(f"k has negative entries, which k_parametrization={self.k_parametrization!r} cannot hold; "
+                             "use k_parametrization='signed'")
+        with torch.no_grad():
+            self.z.copy_(z / self.m)
+            self.k.copy_(torch.log(torch.expm1(per_token)) if self.k_parametrization == "softplus" else per_token)
 
     def forward(self, query, key, value, attention_mask, causal, scale, dropout):
         z, kvec = self.ntk_state()
