@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from ntk_attention import cli
-from ntk_attention.training.compare import parse_grid, parse_variant
+from ntk_attention.training.compare import check_starts, parse_grid, parse_variant
 
 
 def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_bert, sst_files):
@@ -34,11 +34,28 @@ def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_ber
     assert "| ntk-m4 |" in (out / "tiny.md").read_text()
     for plot in ("tiny-params.png", "tiny-time.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
-    assert (out / "tiny" / "ntk-m4" / "adapter_model.safetensors").is_file()
+    assert record["best_ntk_variant"] == "ntk-m4" and (out / "tiny" / "ntk" / "adapter_model.safetensors").is_file()
     # A second call finds every run done and rewrites the same numbers without training again.
     (out / "tiny.json").unlink()
     assert cli.main(argv) == 0
     assert json.loads((out / "tiny.json").read_text())["methods"] == record["methods"]
+
+
+def test_ntk_variant_starts_from_each_seeds_prefix_adapter(tmp_path, tiny_bert, sst_files):
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["compare", "--name", "start", "--variants", "p3=prefix:num_virtual_tokens=3",
+            "ntk-from-p3=ntk:init_from=p3:feature_map=random:num_features=16", "--lr-grid", "p3=1e-2", "ntk-from-p3=1e-3",
+            "--seeds", "0", "1", "--jobs", "2", "--model", tiny_bert, "--data", sst_files[0], "--eval-data", sst_files[1],
+            "--train-size", "24", "--validation", "16", "--epochs", "1", "--batch-size", "8", "--threads", "1",
+            "--out-dir", str(out), "--work-dir", str(work)]
+    assert cli.main(argv) == 0
+    record = json.loads((out / "start.json").read_text())
+    started = record["methods"]["ntk-from-p3"]
+    assert started["init_from"] == "p3" and started["config"] == {"feature_map": "random", "num_features": 16}
+    assert record["best_ntk_variant"] == "ntk-from-p3"
+    for seed in (0, 1):
+        run = json.loads((work / "start" / "ntk-from-p3" / f"seed{seed}" / "adapter" / "training_run.json").read_text())
+        assert run["init_from"] == str(work / "start" / "p3" / f"seed{seed}" / "adapter")
 
 
 def test_variant_and_grid_specs():
@@ -51,3 +68,9 @@ def test_variant_and_grid_specs():
         parse_grid(["full=1e-5"], variants)
     with pytest.raises(ValueError, match="must be numbers"):
         parse_grid(["lora=fast"], variants)
+    started = parse_variant("n=ntk:init_from=p64:feature_map=elu")
+    assert (started.init_from, started.config) == ("p64", ["feature_map=elu"])
+    with pytest.raises(ValueError, match="starts an ntk variant"):
+        parse_variant("l=lora:init_from=p64")
+    with pytest.raises(ValueError, match="must be a prefix variant listed before it"):
+        check_starts([started, variants[1]])

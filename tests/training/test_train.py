@@ -89,6 +89,40 @@ def test_causal_lm_trains_on_answers_and_reports_exact_match(tmp_path, capsys, t
     assert evaluated["exact_match"] == after["exact_match"] and evaluated["generated"] == 6
 
 
+def test_eval_scores_an_untuned_causal_lm_and_generates_on_fewer_rows(capsys, tiny_llama, math_files):
+    evaluated = run_eval(capsys, "--model", tiny_llama, "--data", math_files[1], "--max-new-tokens", "3",
+                         "--generate-size", "2")
+    assert evaluated["method"] == "none" and evaluated["model"] == tiny_llama
+    assert evaluated["rows"] == 6 and evaluated["generated"] == 2 and evaluated["loss"] > 0
+
+
+def test_eval_of_a_base_model_needs_a_causal_lm_source(tmp_path, sst_files):
+    with pytest.raises(SystemExit):  # argparse: --adapter and --model exclude each other
+        cli.main(["eval", "--adapter", str(tmp_path), "--model", "x", "--data", sst_files[1]])
+    with pytest.raises(ValueError, match="does not exist"):
+        cli.main(["eval", "--model", str(tmp_path / "missing"), "--data", sst_files[1]])
+
+
+def test_ntk_run_starts_from_a_prefix_adapter(tmp_path, capsys, tiny_bert, sst_files):
+    for name in ("prefix", "ntk"):
+        (tmp_path / name).mkdir()
+    prefix = run_train(tmp_path / "prefix", tiny_bert, *sst_files, "--method", "prefix", "--config", "num_virtual_tokens=3")
+    options = ["feature_map=random", "num_features=64"]
+    started = run_train(tmp_path / "ntk", tiny_bert, *sst_files, "--method", "ntk", "--init-from", prefix["adapter"],
+                        "--config", *options)
+    assert M.read_run(started["adapter"])["init_from"] == prefix["adapter"]
+    # Before training, the run's model is the closed-form conversion with the prefix run's trained head.
+    converted, _ = M.ntk_from_prefix_adapter(prefix["adapter"], parse_options(options))
+    M.save_trained(converted, "ntk", M.read_run(prefix["adapter"]), str(tmp_path / "converted"))
+    evaluated = run_eval(capsys, "--adapter", str(tmp_path / "converted"), "--data", sst_files[1])
+    assert evaluated["loss"] == pytest.approx(started["before"]["eval"]["loss"], rel=1e-5)
+    assert evaluated["loss"] != pytest.approx(prefix["before"]["eval"]["loss"], rel=1e-3)  # the head did train
+    with pytest.raises(ValueError, match="expected a prefix adapter"):
+        cli.main(train_args("--model", tiny_bert, "--data", sst_files[0], "--method", "ntk", "--init-from", started["adapter"]))
+    with pytest.raises(ValueError, match="--method is 'lora'"):
+        cli.main(train_args("--model", tiny_bert, "--data", sst_files[0], "--method", "lora", "--init-from", prefix["adapter"]))
+
+
 def test_eval_rejects_a_folder_without_a_run_record(tmp_path, sst_files):
     with pytest.raises(ValueError, match="training_run.json is missing"):
         cli.main(["eval", "--adapter", str(tmp_path), "--data", sst_files[1]])

@@ -7,8 +7,12 @@ standard deviation over seeds and chooses nothing. Every run is its own ``ntk-at
 process, so its train time and peak memory are its own, and a finished run is not run again:
 rerun the same command to continue after an interruption.
 
+A variant ``ntk-from-p16=ntk:init_from=p16`` starts each seed's NTK run from the closed-form
+conversion of the same seed's adapter of the prefix variant ``p16`` (listed earlier).
+
 Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``;
-the adapters of NTK variants (first seed) are copied to ``<out-dir>/<name>/<variant>/``.
+the adapter of the best NTK variant (first seed, by validation score) is copied to
+``<out-dir>/<name>/ntk/``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
                     "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
 TRAIN_OPTIONS = ("data", "eval_data", "model", "gguf_file", "train_size", "validation", "epochs", "batch_size",
                  "head_lr", "text_column", "label_column", "prompt_field", "answer_field", "max_length",
-                 "eval_size", "max_new_tokens", "threads")
+                 "eval_size", "max_new_tokens", "generate_size", "threads")
 
 
 @dataclass
@@ -43,10 +47,12 @@ class Variant:
     label: str
     method: str
     config: list[str] = field(default_factory=list)
+    init_from: str | None = None  # label of a prefix variant whose adapters start this NTK variant
 
 
 def parse_variant(spec: str) -> Variant:
-    """``METHOD`` or ``LABEL=METHOD:KEY=VALUE:KEY=VALUE`` (e.g. ``prefix-m64=prefix:num_virtual_tokens=64``)."""
+    """``METHOD`` or ``LABEL=METHOD:KEY=VALUE:KEY=VALUE`` (e.g. ``prefix-m64=prefix:num_virtual_tokens=64``);
+    ``init_from=LABEL`` is not a config field but names the prefix variant an NTK variant starts from."""
     label, sep, rest = spec.partition("=")
     if not sep:
         label, rest = spec, spec
@@ -55,7 +61,21 @@ def parse_variant(spec: str) -> Variant:
         raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {METHODS}")
     if not label or "/" in label:
         raise ValueError(f"--variants {spec!r}: the label must be a plain name")
-    return Variant(label, method, config)
+    starts = [item.partition("=")[2] for item in config if item.startswith("init_from=")]
+    if starts and method != "ntk":
+        raise ValueError(f"--variants {spec!r}: init_from starts an ntk variant from a prefix variant")
+    return Variant(label, method, [item for item in config if not item.startswith("init_from=")],
+                   starts[-1] if starts else None)
+
+
+def check_starts(variants: list[Variant]) -> None:
+    """Each ``init_from`` names a prefix variant listed before it (so it is trained first)."""
+    seen = {}
+    for variant in variants:
+        if variant.init_from is not None and seen.get(variant.init_from) != "prefix":
+            raise ValueError(f"--variants: {variant.label!r} starts from {variant.init_from!r}, which must be a "
+                             f"prefix variant listed before it")
+        seen[variant.label] = variant.method
 
 
 def parse_grid(specs: list[str], variants: list[Variant]) -> dict[str, list[float]]:
@@ -101,12 +121,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
 
 
+def run_folder(args, label: str, seed: int) -> str:
+    return os.path.join(args.work_dir, args.name, label, f"seed{seed}")
+
+
 def train_command(args, variant: Variant, rates: list[float], seed: int, folder: str) -> list[str]:
     command = [sys.executable, "-m", "ntk_attention.cli", "train", "--method", variant.method, "--seed", str(seed),
                "--output-dir", folder, "--result-json", os.path.join(folder, "result.json"), "--resume",
                "--lr", *[f"{rate:g}" for rate in rates]]
     if variant.config:
         command += ["--config", *variant.config]
+    if variant.init_from:
+        command += ["--init-from", os.path.join(run_folder(args, variant.init_from, seed), "adapter")]
     for name in TRAIN_OPTIONS:
         value = getattr(args, name, None)
         if value is not None:
@@ -129,8 +155,10 @@ def run_training(command: list[str], folder: str) -> dict:
         return json.load(handle)
 
 
-def run_variant(args, variant: Variant, rates: list[float]) -> dict:
-    folder = lambda seed: os.path.join(args.work_dir, args.name, variant.label, f"seed{seed}")  # noqa: E731
+def run_variant(args, variant: Variant, rates: list[float], started: dict) -> dict:
+    if variant.init_from:
+        started[variant.init_from].result()  # its adapters must exist; it was submitted first, so no deadlock
+    folder = lambda seed: run_folder(args, variant.label, seed)  # noqa: E731
     first = run_training(train_command(args, variant, rates, args.seeds[0], folder(args.seeds[0])), folder(args.seeds[0]))
     chosen = first["learning_rate"]
     results = [first] + [run_training(train_command(args, variant, [chosen], seed, folder(seed)), folder(seed))
@@ -144,7 +172,8 @@ def summarize(variant: Variant, results: list[dict]) -> dict:
     metric = "accuracy" if first["task"] == "classification" else "loss"
     scores = [result["after"][split][metric] for result in results]
     summary = {
-        "method": variant.method, "config": first["config"], "learning_rate": first["learning_rate"],
+        "method": variant.method, "config": first["config"], "init_from": variant.init_from,
+        "learning_rate": first["learning_rate"],
         f"dev_{metric}": statistics.mean(scores),
         f"dev_{metric}_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
         f"dev_{metric}_per_seed": scores, "seeds": [r["seed"] for r in results],
@@ -190,6 +219,7 @@ def run(args) -> int:
     variants = [parse_variant(spec) for spec in args.variants]
     if len({v.label for v in variants}) != len(variants):
         raise ValueError(f"--variants: labels must be unique, got {[v.label for v in variants]}")
+    check_starts(variants)
     grid = parse_grid(args.lr_grid, variants)
     if not args.seeds:
         raise ValueError("--seeds needs at least one seed")
@@ -201,7 +231,9 @@ def run(args) -> int:
                            "dev mean/std over seeds at that rate; std is the sample std (n-1)"}
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {v.label: pool.submit(run_variant, args, v, grid[v.label]) for v in variants}
+        futures = {}
+        for v in variants:
+            futures[v.label] = pool.submit(run_variant, args, v, grid[v.label], futures)
         record["methods"] = {label: future.result() for label, future in futures.items()}
     record["wall_seconds"] = time.perf_counter() - start
     record["machine"]["load_average_at_end"] = os.getloadavg()
@@ -211,16 +243,24 @@ def run(args) -> int:
 
 def write_results(out_dir: str, name: str, record: dict, variants: list[Variant]) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    for variant in variants:
-        if variant.method == "ntk":
-            target = os.path.join(out_dir, name, variant.label)
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(record["methods"][variant.label]["adapter"], target)
+    ntk = [v.label for v in variants if v.method == "ntk"]
+    if ntk:
+        best = max(ntk, key=lambda label: validation_score(record["methods"][label]))
+        record["best_ntk_variant"] = best
+        target = os.path.join(out_dir, name, "ntk")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(record["methods"][best]["adapter"], target)
     write_json(os.path.join(out_dir, f"{name}.json"), record)
     table = markdown_table(record)
     write_text(os.path.join(out_dir, f"{name}.md"), table)
     plot(record, os.path.join(out_dir, name))
     print(table)
+
+
+def validation_score(summary: dict) -> float:
+    """The chosen rate's validation score (higher is better: accuracy, or minus the loss)."""
+    value = summary["validation_grid"][f"{summary['learning_rate']:g}"]
+    return value if "dev_accuracy" in summary else -value
 
 
 def markdown_table(record: dict) -> str:

@@ -174,6 +174,15 @@ def check_table(table: datasets.Dataset, task: str, columns: Columns, source: st
     return None
 
 
+def first_rows(table: datasets.Dataset, count: int | None) -> datasets.Dataset:
+    """The first ``count`` rows (all when ``count`` is None)."""
+    if count is None:
+        return table
+    if count < 1:
+        raise ValueError(f"a row count must be >= 1, got {count}")
+    return table.select(range(min(count, len(table))))
+
+
 def split_validation(table: datasets.Dataset, validation: float, train_size: int | None, seed: int):
     """Carve a validation slice off ``table`` (a fraction < 1 or a row count), then keep at most
     ``train_size`` training rows. The same ``seed`` always gives the same slices."""

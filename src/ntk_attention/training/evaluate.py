@@ -1,8 +1,9 @@
 """``ntk-attn eval --adapter DIR --data FILE``: score a folder written by ``ntk-attn train``.
 
 The folder's ``training_run.json`` names the base model, task, method and columns, so nothing else
-is needed. Prints one JSON object: ``accuracy`` and ``loss`` for classification; ``loss`` (answer
-tokens only) and ``exact_match`` of the final number, greedy decoding, for causal LM.
+is needed. ``--model NAME_OR_DIR`` instead scores an untuned causal LM, the baseline of a comparison.
+Prints one JSON object: ``accuracy`` and ``loss`` for classification; ``loss`` (answer tokens only)
+and ``exact_match`` of the final number, greedy decoding, for causal LM.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="folder written by ntk-attn train (<output-dir>/adapter)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", help="folder written by ntk-attn train (<output-dir>/adapter)")
+    source.add_argument("--model", help="an untuned causal LM (hub name or local folder) to score as a baseline")
+    parser.add_argument("--gguf-file", default=None, help="with --model: GGUF file inside the model folder")
     parser.add_argument("--data", required=True, help=".tsv/.csv/.jsonl/.json file or hub NAME[:CONFIG]:SPLIT")
     parser.add_argument("--batch-size", type=int, default=32)
     add_data_arguments(parser)
-    # Columns default to what the adapter was trained with.
+    # Columns default to what the adapter was trained with (--model: the causal-lm defaults).
     parser.set_defaults(label_column=None, prompt_field=None, answer_field=None)
 
 
@@ -71,7 +75,7 @@ def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int
 def evaluate(args) -> dict:
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    run = M.read_run(args.adapter)  # validate the folder before loading anything heavy
+    run = base_run(args) if args.model else M.read_run(args.adapter)  # checked before loading anything heavy
     task = run["task"]
     columns = D.Columns(
         text=args.text_column, label=args.label_column or run.get("label_column", "label"),
@@ -82,21 +86,33 @@ def evaluate(args) -> dict:
     if columns.text is None and run.get("text_column") in table.column_names:
         columns.text = run["text_column"]
     D.check_table(table, task, columns, args.data, run.get("num_labels"))
-    if args.eval_size is not None:
-        table = table.select(range(min(args.eval_size, len(table))))
+    table = D.first_rows(table, args.eval_size)
 
-    model, tokenizer, run = M.load_trained(args.adapter)
+    model, tokenizer, run = load_base_for_eval(args, run) if args.model else M.load_trained(args.adapter)
     max_length = args.max_length or run.get("max_length") or 512
     encoded = encode(table, tokenizer, task, columns, max_length, args.data)
     with tempfile.TemporaryDirectory() as scratch:
         settings = FitSettings(output_dir=scratch, task=task, learning_rate=1.0, head_learning_rate=1.0,
                                eval_batch_size=args.batch_size)
         trainer = make_trainer(model, tokenizer, settings, run.get("head_modules", []))
-        result = {"adapter": args.adapter, "data": args.data, "method": run["method"], "task": task,
-                  "rows": len(table), **score(trainer, encoded)}
+        result = {"adapter": args.adapter, "model": run["base_model"], "data": args.data, "method": run["method"],
+                  "task": task, "rows": len(table), **score(trainer, encoded)}
     if task == "causal-lm":
-        result.update(exact_match(model, tokenizer, table, columns, args.max_new_tokens, args.batch_size))
+        generate_rows = D.first_rows(table, args.generate_size)
+        result.update(exact_match(model, tokenizer, generate_rows, columns, args.max_new_tokens, args.batch_size))
     return result
+
+
+def base_run(args) -> dict:
+    """The run record of an untuned model: a causal LM (a classifier's new head would be random)."""
+    M.check_model_source(args.model, args.gguf_file)
+    return {"base_model": args.model, "gguf_file": args.gguf_file, "task": "causal-lm", "method": "none"}
+
+
+def load_base_for_eval(args, run: dict):
+    tokenizer = M.load_tokenizer(args.model, args.gguf_file)
+    model, _ = M.load_base(args.model, "causal-lm", gguf_file=args.gguf_file, pad_token_id=tokenizer.pad_token_id)
+    return model.eval(), tokenizer, run
 
 
 def run(args) -> int:

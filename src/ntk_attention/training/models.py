@@ -121,6 +121,27 @@ def build_method_model(base: torch.nn.Module, method: str, config, head_modules:
     return get_ntk_model(base, config)
 
 
+def check_prefix_start(folder: str, method: str, task: str, model: str) -> None:
+    """``--init-from``: ``folder`` must be a prefix run on the same base model and task, for an ntk run."""
+    if method != "ntk":
+        raise ValueError(f"--init-from starts an ntk run from a prefix adapter; --method is {method!r}")
+    run = read_run(folder)
+    if run["method"] != "prefix":
+        raise ValueError(f"--init-from {folder!r}: expected a prefix adapter, found method {run['method']!r}")
+    if (run["task"], run["base_model"]) != (task, model):
+        raise ValueError(f"--init-from {folder!r} was trained for {run['task']} on {run['base_model']!r}, "
+                         f"this run is {task} on {model!r}")
+
+
+def ntk_from_prefix_adapter(folder: str, options: dict):
+    """A trainable NTK model whose ``(Z, k)`` is the closed form of the prefix adapter in ``folder``
+    (its trained head comes along); returns (model, head module names)."""
+    from ..convert import ntk_from_prefix
+
+    prefix_model, _, run = load_trained(folder)
+    return ntk_from_prefix(prefix_model, **options).train(), run.get("head_modules", [])
+
+
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 

@@ -45,6 +45,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens (default 128, causal-lm 512)")
     group.add_argument("--eval-size", type=int, default=None, help="use only the first N rows of the evaluation data")
     group.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: greedy decoding length for exact match")
+    group.add_argument("--generate-size", type=int, default=None,
+                       help="causal-lm: exact match on only the first N evaluation rows (generation is the slow part; default: all)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--method", choices=M.METHODS, default="ntk")
     group.add_argument("--config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="method config fields (NTKConfig, PrefixConfig or peft.LoraConfig), e.g. feature_map=taylor r=16")
+    group.add_argument("--init-from", default=None, metavar="DIR",
+                       help="ntk only: start from a trained prefix adapter (ntk-attn train --method prefix) converted "
+                            "in closed form by ntk_attention.convert.ntk_from_prefix; --config sets the feature map")
     group = parser.add_argument_group("training")
     group.add_argument("--lr", type=float, nargs="+", default=None, help="learning rate(s); several = a grid chosen on the validation slice (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     group.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the classification head, every method but head (default 1e-2)")
@@ -107,10 +112,11 @@ def prepare(args) -> dict:
     if eval_source is not None:
         eval_table = D.load_table(eval_source)
         D.check_table(eval_table, task, columns, eval_source, num_labels)
-        if args.eval_size is not None:
-            eval_table = eval_table.select(range(min(args.eval_size, len(eval_table))))
+        eval_table = D.first_rows(eval_table, args.eval_size)
     method_config = M.method_config(args.method, task, parse_options(args.config))
     model = args.model or default_model()
+    if args.init_from is not None:
+        M.check_prefix_start(args.init_from, args.method, task, model)
     M.check_model_source(model, args.gguf_file)
     learning_rates = args.lr or [DEFAULT_LR[args.method]]
     if any(not (lr > 0 and math.isfinite(lr)) for lr in learning_rates):
@@ -155,9 +161,12 @@ def train(args) -> dict:
     before = None
     for learning_rate in plan["learning_rates"]:
         torch.manual_seed(args.seed)  # the new head's and the method's initialisation
-        base, head_modules = M.load_base(plan["model"], task, num_labels=plan["num_labels"],
-                                         gguf_file=args.gguf_file, pad_token_id=tokenizer.pad_token_id)
-        model = M.build_method_model(base, args.method, plan["method_config"], head_modules, args.gguf_file)
+        if args.init_from is None:
+            base, head_modules = M.load_base(plan["model"], task, num_labels=plan["num_labels"],
+                                             gguf_file=args.gguf_file, pad_token_id=tokenizer.pad_token_id)
+            model = M.build_method_model(base, args.method, plan["method_config"], head_modules, args.gguf_file)
+        else:
+            model, head_modules = M.ntk_from_prefix_adapter(args.init_from, parse_options(args.config))
         settings = FitSettings(
             output_dir=os.path.join(output_dir, "checkpoints", f"lr-{learning_rate:g}"), task=task,
             learning_rate=learning_rate, head_learning_rate=learning_rate if args.method == "head" else args.head_lr,
@@ -173,7 +182,7 @@ def train(args) -> dict:
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=True if resume else None)
         seconds = time.perf_counter() - start
-        validation = score(trainer, encoded["validation"])  # the best epoch is loaded at the end
+        validation = _best_validation(trainer) or score(trainer, encoded["validation"])
         entry = {"learning_rate": learning_rate, "validation": validation, "train_seconds": seconds,
                  "best_epoch": _best_epoch(trainer)}
         runs.append(entry)
@@ -187,7 +196,8 @@ def train(args) -> dict:
     if task == "causal-lm" and plan["eval"] is not None and trainer.is_world_process_zero():
         from .evaluate import exact_match
 
-        after["eval"].update(exact_match(trainer.model, tokenizer, plan["eval"], columns, args.max_new_tokens, args.batch_size))
+        generate_rows = D.first_rows(plan["eval"], args.generate_size)
+        after["eval"].update(exact_match(trainer.model, tokenizer, generate_rows, columns, args.max_new_tokens, args.batch_size))
 
     adapter_dir = os.path.join(output_dir, "adapter")
     record = {
@@ -195,6 +205,7 @@ def train(args) -> dict:
         "text_column": columns.text, "label_column": columns.label, "prompt_field": columns.prompt,
         "answer_field": columns.answer, "max_length": max_length, "head_modules": head_modules,
         "learning_rate": entry["learning_rate"], "validation": entry["validation"], "train_data": train_source,
+        "init_from": args.init_from,
     }
     if trainer.is_world_process_zero():
         M.save_trained(trainer.model, args.method, record, adapter_dir, tokenizer)
@@ -215,6 +226,16 @@ def _better(task: str, candidate: dict, incumbent: dict) -> bool:
     if task == "classification":
         return candidate["accuracy"] > incumbent["accuracy"]
     return candidate["loss"] < incumbent["loss"]
+
+
+def _best_validation(trainer) -> dict | None:
+    """The validation scores of the epoch that load_best_model_at_end restored, from the log (no
+    third pass over the validation slice); None when no epoch was scored."""
+    key = "eval_" + trainer.args.metric_for_best_model
+    for log in trainer.state.log_history:
+        if log.get(key) == trainer.state.best_metric:
+            return {name[5:]: log[name] for name in ("eval_accuracy", "eval_loss") if name in log}
+    return None
 
 
 def _best_epoch(trainer) -> float | None:
