@@ -7,7 +7,8 @@ standard deviation over seeds and chooses nothing. Every run is its own ``ntk-at
 process, so its train time and peak memory are its own, and a finished run is not run again:
 rerun the same command to continue after an interruption.
 
-A variant ``ntk-from-p16=ntk:init_from=p16`` starts each seed's NTK run from the closed-form
+The variant ``base`` (causal LM only) scores the untuned model once with ``ntk-attn eval --model``:
+the baseline row. A variant ``ntk-from-p16=ntk:init_from=p16`` starts each seed's NTK run from the closed-form
 conversion of the same seed's adapter of the prefix variant ``p16`` (listed earlier).
 
 Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``;
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from .models import METHODS
 from ..io import save_figure, write_json, write_text
 
-DEFAULT_GRID = {"head": [3e-3, 1e-2, 3e-2], "ntk": [3e-4, 1e-3, 3e-3], "prefix": [3e-3, 1e-2, 3e-2],
+BASE = "base"  # the untuned model, scored but not trained
+DEFAULT_GRID = {BASE: [], "head": [3e-3, 1e-2, 3e-2], "ntk": [3e-4, 1e-3, 3e-3], "prefix": [3e-3, 1e-2, 3e-2],
                 "lora": [3e-4, 1e-3, 3e-3], "full": [2e-5, 5e-5, 1e-4]}
 DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
                     "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
@@ -57,8 +59,10 @@ def parse_variant(spec: str) -> Variant:
     if not sep:
         label, rest = spec, spec
     method, *config = rest.split(":")
-    if method not in METHODS:
-        raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {METHODS}")
+    if method not in METHODS + (BASE,):
+        raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {METHODS + (BASE,)}")
+    if method == BASE and config:
+        raise ValueError(f"--variants {spec!r}: the untuned base takes no config")
     if not label or "/" in label:
         raise ValueError(f"--variants {spec!r}: the label must be a plain name")
     starts = [item.partition("=")[2] for item in config if item.startswith("init_from=")]
@@ -140,8 +144,8 @@ def train_command(args, variant: Variant, rates: list[float], seed: int, folder:
     return command
 
 
-def run_training(command: list[str], folder: str) -> dict:
-    """Run one ``ntk-attn train`` unless its result is already there; its log goes beside it."""
+def run_once(command: list[str], folder: str) -> dict:
+    """Run one ``ntk-attn train`` / ``eval`` unless its result.json is already there; its log goes beside it."""
     result_file = os.path.join(folder, "result.json")
     if not os.path.isfile(result_file):
         os.makedirs(folder, exist_ok=True)
@@ -150,18 +154,41 @@ def run_training(command: list[str], folder: str) -> dict:
             log.flush()
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
-            raise RuntimeError(f"training failed (exit {done.returncode}); see {os.path.join(folder, 'log.txt')}")
+            raise RuntimeError(f"{command[3]} failed (exit {done.returncode}); see {os.path.join(folder, 'log.txt')}")
     with open(result_file) as handle:
         return json.load(handle)
 
 
+def score_base(args, variant: Variant) -> dict:
+    """The untuned causal LM on the reported split (``ntk-attn eval --model``), once: it has no seed."""
+    if not args.model or not args.eval_data:
+        raise ValueError("--variants base needs --model and --eval-data (it scores the untuned causal LM)")
+    folder = os.path.join(args.work_dir, args.name, variant.label)
+    command = [sys.executable, "-m", "ntk_attention.cli", "eval", "--model", args.model, "--data", args.eval_data,
+               "--result-json", os.path.join(folder, "result.json")]
+    for name in ("gguf_file", "batch_size", "prompt_field", "answer_field", "max_length", "eval_size", "max_new_tokens",
+                 "generate_size"):
+        if getattr(args, name, None) is not None:
+            command += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    result = run_once(command, folder)
+    if result["task"] != "causal-lm":
+        raise ValueError("--variants base scores an untuned causal LM; a classifier's new head would be random")
+    return {"method": BASE, "config": {}, "init_from": None, "learning_rate": None, "dev_loss": result["loss"],
+            "dev_loss_std": 0.0, "dev_loss_per_seed": [result["loss"]], "seeds": [], "validation_grid": {},
+            "exact_match": result["exact_match"], "exact_match_std": 0.0, "generated": result["generated"],
+            "trainable_params": 0, "trainable_params_excl_head": 0, "train_seconds": 0.0,
+            "peak_rss_mb": result["peak_rss_mb"], "device": result["device"], "adapter": None}
+
+
 def run_variant(args, variant: Variant, rates: list[float], started: dict) -> dict:
+    if variant.method == BASE:
+        return score_base(args, variant)
     if variant.init_from:
         started[variant.init_from].result()  # its adapters must exist; it was submitted first, so no deadlock
     folder = lambda seed: run_folder(args, variant.label, seed)  # noqa: E731
-    first = run_training(train_command(args, variant, rates, args.seeds[0], folder(args.seeds[0])), folder(args.seeds[0]))
+    first = run_once(train_command(args, variant, rates, args.seeds[0], folder(args.seeds[0])), folder(args.seeds[0]))
     chosen = first["learning_rate"]
-    results = [first] + [run_training(train_command(args, variant, [chosen], seed, folder(seed)), folder(seed))
+    results = [first] + [run_once(train_command(args, variant, [chosen], seed, folder(seed)), folder(seed))
                          for seed in args.seeds[1:]]
     return summarize(variant, results)
 
@@ -187,6 +214,7 @@ def summarize(variant: Variant, results: list[dict]) -> dict:
     }
     if "exact_match" in first["after"].get("eval", {}):
         matches = [r["after"]["eval"]["exact_match"] for r in results]
+        summary["generated"] = first["after"]["eval"]["generated"]
         summary["exact_match"] = statistics.mean(matches)
         summary["exact_match_std"] = statistics.stdev(matches) if len(matches) > 1 else 0.0
     return summary
@@ -243,7 +271,7 @@ def run(args) -> int:
 
 def write_results(out_dir: str, name: str, record: dict, variants: list[Variant]) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    ntk = [v.label for v in variants if v.method == "ntk"]
+    ntk = [v.label for v in variants if v.method == "ntk"]  # the untuned base has no adapter to copy
     if ntk:
         best = max(ntk, key=lambda label: validation_score(record["methods"][label]))
         record["best_ntk_variant"] = best
@@ -272,8 +300,9 @@ def markdown_table(record: dict) -> str:
               + " train s | peak RSS MB |")
     lines = [f"Command: `{record['command']}`", "", header, "|" + "---|" * (header.count("|") - 1)]
     for label, m in methods.items():
-        grid = ", ".join(f"{lr}: {value:.3f}" for lr, value in m["validation_grid"].items())
-        row = (f"| {label} | {m['trainable_params']:,} ({m['trainable_params_excl_head']:,}) | {m['learning_rate']:g} | "
+        grid = ", ".join(f"{lr}: {value:.3f}" for lr, value in m["validation_grid"].items()) or "untuned"
+        rate = "-" if m["learning_rate"] is None else f"{m['learning_rate']:g}"
+        row = (f"| {label} | {m['trainable_params']:,} ({m['trainable_params_excl_head']:,}) | {rate} | "
                f"{grid} | {m[f'dev_{metric}']:.4f} ± {m[f'dev_{metric}_std']:.4f} |")
         if extra:
             row += f" {m.get('exact_match', float('nan')):.4f} |"
@@ -295,6 +324,9 @@ def plot(record: dict, prefix: str) -> None:
                                      ("train_seconds", "train time per run (s)", "time", False)):
         figure, axes = plt.subplots(figsize=(6, 4))
         for label, m in methods.items():
+            if m["method"] == BASE:
+                axes.axhline(m[f"dev_{metric}"], color="gray", linestyle="--", label=f"{label} (untuned)")
+                continue
             axes.errorbar(m[key], m[f"dev_{metric}"], yerr=m[f"dev_{metric}_std"], fmt="o", capsize=3, label=label)
             axes.annotate(label, (m[key], m[f"dev_{metric}"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if log:

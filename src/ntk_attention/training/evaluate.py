@@ -20,9 +20,10 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from ..io import write_json
 from . import data as D
 from . import models as M
-from .fit import FitSettings, make_trainer, score
+from .fit import FitSettings, make_trainer, peak_rss_mb, score
 from .train import add_data_arguments, encode
 
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf-file", default=None, help="with --model: GGUF file inside the model folder")
     parser.add_argument("--data", required=True, help=".tsv/.csv/.jsonl/.json file or hub NAME[:CONFIG]:SPLIT")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--result-json", default=None, help="also write the JSON object to this file")
     add_data_arguments(parser)
     # Columns default to what the adapter was trained with (--model: the causal-lm defaults).
     parser.set_defaults(label_column=None, prompt_field=None, answer_field=None)
@@ -100,7 +102,7 @@ def evaluate(args) -> dict:
     if task == "causal-lm":
         generate_rows = D.first_rows(table, args.generate_size)
         result.update(exact_match(model, tokenizer, generate_rows, columns, args.max_new_tokens, args.batch_size))
-    return result
+    return {**result, "device": str(next(model.parameters()).device), "peak_rss_mb": peak_rss_mb()}
 
 
 def base_run(args) -> dict:
@@ -119,4 +121,6 @@ def run(args) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # Trainer's log lines; stdout carries the JSON alone
         result = evaluate(args)
     print(json.dumps(result))
+    if args.result_json:
+        write_json(args.result_json, result)
     return 0
