@@ -171,8 +171,6 @@ def score_base(args, variant: Variant) -> dict:
         if getattr(args, name, None) is not None:
             command += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     result = run_once(command, folder)
-    if result["task"] != "causal-lm":
-        raise ValueError("--variants base scores an untuned causal LM; a classifier's new head would be random")
     return {"method": BASE, "config": {}, "init_from": None, "learning_rate": None, "dev_loss": result["loss"],
             "dev_loss_std": 0.0, "dev_loss_per_seed": [result["loss"]], "seeds": [], "validation_grid": {},
             "exact_match": result["exact_match"], "exact_match_std": 0.0, "generated": result["generated"],
