@@ -41,7 +41,7 @@ DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
                     "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
 TRAIN_OPTIONS = ("data", "eval_data", "model", "gguf_file", "train_size", "validation", "epochs", "batch_size",
                  "head_lr", "text_column", "label_column", "prompt_field", "answer_field", "max_length",
-                 "eval_size", "max_new_tokens", "generate_size", "threads")
+                 "eval_size", "max_new_tokens", "generate_size", "generate_batch_size", "threads")
 
 
 @dataclass
@@ -167,7 +167,7 @@ def score_base(args, variant: Variant) -> dict:
     command = [sys.executable, "-m", "ntk_attention.cli", "eval", "--model", args.model, "--data", args.eval_data,
                "--result-json", os.path.join(folder, "result.json")]
     for name in ("gguf_file", "batch_size", "prompt_field", "answer_field", "max_length", "eval_size", "max_new_tokens",
-                 "generate_size"):
+                 "generate_size", "generate_batch_size"):
         if getattr(args, name, None) is not None:
             command += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     result = run_once(command, folder)

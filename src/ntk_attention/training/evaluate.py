@@ -101,7 +101,7 @@ def evaluate(args) -> dict:
                   "task": task, "rows": len(table), **score(trainer, encoded)}
     if task == "causal-lm":
         generate_rows = D.first_rows(table, args.generate_size)
-        result.update(exact_match(model, tokenizer, generate_rows, columns, args.max_new_tokens, args.batch_size))
+        result.update(exact_match(model, tokenizer, generate_rows, columns, args.max_new_tokens, args.generate_batch_size))
     return {**result, "device": str(next(model.parameters()).device), "peak_rss_mb": peak_rss_mb()}
 
 
