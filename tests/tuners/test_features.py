@@ -67,7 +67,9 @@ def test_virtual_prefix_length_scales_the_state():
     randomize_adapter(model)
     layer = model.adapter_layers()[0]
     z, k = layer.ntk_state()
-    assert torch.equal(z, 8.0 * layer.z) and torch.equal(k, 8.0 * layer.k.clamp_min(0))
+    per_token_k = layer.k.clamp_min(0)
+    assert torch.equal(k, 8.0 * per_token_k)  # the mass and the values of Z = diag(k) W are both stored / m
+    torch.testing.assert_close(z, (8.0 * per_token_k).unsqueeze(-1) * (8.0 * layer.z), rtol=1e-6, atol=0)
 
 
 def test_paper_parametrisation_is_not_an_identity_start():

@@ -49,6 +49,8 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    # field -> the value that files written before the field existed meant (config_from_dict fills it in)
+    absent_field_values: ClassVar[dict] = {}
 
     task_type: str | None = None
     modules_to_save: list[str] | None = None
@@ -112,6 +114,6 @@ def config_from_dict(data: dict, source: str = "adapter config") -> AdapterConfi
     if unknown:
         raise ValueError(f"{source}: unknown fields {unknown} for method {method!r} (expected a subset of {sorted(known)})")
     try:
-        return cls(**data)
+        return cls(**{**cls.absent_field_values, **data})
     except TypeError as err:
         raise ValueError(f"{source}: {err}") from None

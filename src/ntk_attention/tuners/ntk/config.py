@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ...ops import FeatureMap, get_feature_map
 from ..config import AdapterConfig
 
 K_PARAMETRIZATIONS = ("nonneg", "softplus", "signed")
+Z_PARAMETRIZATIONS = ("tied", "free")
 
 
 @dataclass
@@ -29,8 +31,9 @@ class NTKConfig(AdapterConfig):
     feature_map, num_features, degree, feature_seed: ``phi``: "elu" (r = d), "random"
         (``num_features`` positive random features drawn from ``feature_seed``), "taylor"
         (``degree`` 1 or 2).
-    rank: None for a full ``Z``; an even s for ``Z = A B - A' B'`` (r x s/2 times s/2 x d_v twice)
-        whose two halves start equal, so ``Z = 0`` at the start while every factor gets a gradient.
+    rank: None for a full ``Z``; an even s for ``Z = A B - A' B'`` (``W`` in the tied form; r x s/2
+        times s/2 x d_v twice) whose two halves start equal, so it is 0 at the start while every
+        factor gets a gradient.
     rank_init_std: standard deviation of the low-rank factors at the start.
     k_parametrization: "nonneg" (default): ``k = max(theta, 0)`` started at ``k_init = 0``, the exact
         pretrained model, with the gradient of a projection so ``k`` trains from the first step;
@@ -40,6 +43,18 @@ class NTKConfig(AdapterConfig):
         positive. The operator clamps ``phi(q)^T k`` at 0, so a fine-tune that drives it below 0 drops
         the prefix's mass in that row: train from scratch with "nonneg".
     k_init: the per-token average ``k / m`` at the start.
+    z_parametrization: "tied" (default): ``Z = diag(k) W``, as in a real prefix: every feature f of
+        ``phi`` is one virtual token of mass ``phi_f(q) k_f`` and value ``W_f`` (``W`` stored / m like
+        ``k``, so Adam moves both by about ``m * lr`` a step). With a non-negative feature map the
+        NTK term is then a weighted average of the input's values and the ``W_f``, bounded however
+        small the input's own mass ``sum_l e^{s_il}`` is. That matters in causal decoders: the first
+        query sees only itself (``sum e^s ~ 1``, lower in some heads) and later layers use that
+        token as the attention sink. "free": ``Z`` trained on its own (the paper's form); one Adam
+        step at lr 1e-3 and m = 32 then adds ``phi(q)^T Z`` of norm ~10 where ``phi(q)^T k`` may be
+        ~0, and SmolLM2-135M's loss goes from 1.6 to 8. Both start at ``Z = 0``, the exact
+        pretrained model (``W = 0``, ``k = 0``); ``W`` trains from the first step on the gradient a
+        free ``Z`` would get, as if its gate ``k_f`` were open. Files written before this field
+        existed load as "free".
     feature_dropout: dropout on ``phi(q)`` during training (off in eval).
     """
 
@@ -54,7 +69,11 @@ class NTKConfig(AdapterConfig):
     virtual_prefix_length: float = 32.0
     k_parametrization: str = "nonneg"
     k_init: float = 0.0
+    z_parametrization: str = "tied"
     feature_dropout: float = 0.0
+
+    # adapter_config.json files written before z_parametrization existed trained a free Z.
+    absent_field_values: ClassVar[dict] = {"z_parametrization": "free"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +86,8 @@ class NTKConfig(AdapterConfig):
             raise ValueError(f"NTKConfig.virtual_prefix_length must be > 0, got {self.virtual_prefix_length!r}")
         if self.k_parametrization not in K_PARAMETRIZATIONS:
             raise ValueError(f"NTKConfig.k_parametrization must be one of {K_PARAMETRIZATIONS}, got {self.k_parametrization!r}")
+        if self.z_parametrization not in Z_PARAMETRIZATIONS:
+            raise ValueError(f"NTKConfig.z_parametrization must be one of {Z_PARAMETRIZATIONS}, got {self.z_parametrization!r}")
         if self.k_parametrization == "softplus" and not self.k_init > 0:
             raise ValueError(f"NTKConfig.k_init must be > 0 with k_parametrization='softplus', got {self.k_init!r}")
         if self.k_init < 0:

@@ -33,6 +33,27 @@ class _NonNegative(torch.autograd.Function):
         return torch.where((x >= 0) | (grad < 0), grad, torch.zeros_like(grad))
 
 
+class _Gated(torch.autograd.Function):
+    """``Z = diag(k) W`` whose gradient reaches ``W`` as if every gate ``k_f`` were open (1).
+
+    At ``k = 0`` (the identity start, and wherever the projection holds ``k`` at 0) the true
+    gradient of ``W`` is 0, so the values could never learn what they should be and ``k``, seeing
+    only empty values, would open nowhere. Here ``W`` trains from the first step on the gradient a
+    free ``Z`` would get (with Adam, the same steps as the true gradient wherever ``k > 0``), while
+    the forward stays a bounded, gated average.
+    """
+
+    @staticmethod
+    def forward(ctx, k, w):
+        ctx.save_for_backward(k, w)
+        return k.unsqueeze(-1) * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, w = ctx.saved_tensors
+        return (grad * w).sum(-1), grad
+
+
 class _DroppedFeatures(FeatureMap):
     """``dropout(phi(q))``: one mask per call, shared by numerator and denominator."""
 
@@ -54,7 +75,9 @@ class NTKLayer(AdapterLayer):
         self.feature_dropout = config.feature_dropout
         self.m = float(config.virtual_prefix_length)
         self.k_parametrization = config.k_parametrization
+        self.tied = config.z_parametrization == "tied"
         H, r, d_v = geometry.heads, self.feature_map.feature_dim(geometry.head_dim), geometry.v_head_dim
+        # z is Z ("free") or the values W of Z = diag(k) W ("tied"), stored / m; 0 either way.
         if config.rank is None:
             self.z = nn.Parameter(torch.zeros(H, r, d_v))
         else:
@@ -80,7 +103,9 @@ class NTKLayer(AdapterLayer):
             k = _NonNegative.apply(self.k)
         elif self.k_parametrization == "softplus":
             k = F.softplus(self.k)
-        return self.m * z, self.m * k
+        k = self.m * k
+        # tied: z holds the values of each feature's virtual token, stored / m like k: Z = diag(k) (m z)
+        return (_Gated.apply(k, self.m * z) if self.tied else self.m * z), k
 
     def set_ntk_state(self, z: torch.Tensor, kvec: torch.Tensor) -> None:
         """Store ``(Z [H, r, d_v], k [H, r])`` as the operator takes them: the inverse of ``ntk_state`` (full Z only)."""
@@ -93,6 +118,12 @@ class NTKLayer(AdapterLayer):
         if self.k_parametrization != "signed" and (per_token < 0).any():
             raise ValueError(f"k has negative entries, which k_parametrization={self.k_parametrization!r} cannot hold; "
                              "use k_parametrization='signed'")
+        if self.tied:  # the values Z_f / k_f, stored / m
+            empty = kvec == 0
+            if (z[empty] != 0).any():
+                raise ValueError("Z is non-zero where k = 0, which z_parametrization='tied' (Z = diag(k) W) cannot hold; "
+                                 "use z_parametrization='free'")
+            z = torch.where(empty.unsqueeze(-1), torch.zeros_like(z), z / torch.where(empty, 1, kvec).unsqueeze(-1))
         with torch.no_grad():
             self.z.copy_(z / self.m)
             self.k.copy_(torch.log(torch.expm1(per_token)) if self.k_parametrization == "softplus" else per_token)
