@@ -64,25 +64,25 @@ def main() -> None:
     prefix_model, tokenizer, run = M.load_trained(str(args.adapter))
     if run["method"] != "prefix":
         raise ValueError(f"{args.adapter} holds a {run['method']!r} run; convert a --method prefix run")
-    rows = [{"model": "prefix adapter", **score(args.adapter, args.data, args.eval_size)}]
+    rows = [{"variant": "prefix adapter", **score(args.adapter, args.data, args.eval_size)}]
     for spec in args.feature_maps:
         name, _, option = spec.partition(":")  # elu, taylor[:degree], random:num_features
         options = {({"taylor": "degree"}).get(name, "num_features"): int(option)} if option else {}
         ntk = ntk_from_prefix(prefix_model, feature_map=name, **options)
         folder = args.adapters_dir / f"{args.out.name}-{spec.replace(':', '-')}"
         M.save_trained(ntk, "ntk", {**run, "method": "ntk"}, str(folder))
-        rows.append({"model": f"closed form, {spec}", **score(folder, args.data, args.eval_size)})
+        rows.append({"variant": f"closed form, {spec}", **score(folder, args.data, args.eval_size)})
         if args.finetune_epochs > 0:
             finetune(ntk, tokenizer, run, args)
             tuned = folder.parent / f"{folder.name}-finetuned"
             M.save_trained(ntk, "ntk", {**run, "method": "ntk"}, str(tuned))
-            rows.append({"model": f"closed form, {spec}, then {args.finetune_epochs:g} epoch(s) on "
-                                  f"{args.finetune_size} rows", **score(tuned, args.data, args.eval_size)})
+            rows.append({"variant": f"closed form, {spec}, then {args.finetune_epochs:g} epoch(s) on "
+                                    f"{args.finetune_size} rows", **score(tuned, args.data, args.eval_size)})
     print(json.dumps(rows, indent=1))
     save_json(args.out.with_suffix(".json"), {"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     save_text(args.out.with_suffix(".md"), markdown_table(
-        ["model", "accuracy", "loss"], [[r["model"], r.get("eval_accuracy", r.get("accuracy")), r.get("eval_loss", r.get("loss"))]
-                                        for r in rows]))
+        ["variant", "accuracy", "loss"], [[r["variant"], r.get("eval_accuracy", r.get("accuracy")), r.get("eval_loss", r.get("loss"))]
+                                          for r in rows]))
 
 
 if __name__ == "__main__":
