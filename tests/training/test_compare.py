@@ -44,7 +44,7 @@ def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_ber
 def test_ntk_variant_starts_from_each_seeds_prefix_adapter(tmp_path, tiny_bert, sst_files):
     out, work = tmp_path / "results", tmp_path / "work"
     argv = ["compare", "--name", "start", "--variants", "p3=prefix:num_virtual_tokens=3",
-            "ntk-from-p3=ntk:init_from=p3:feature_map=random:num_features=16", "--lr-grid", "p3=1e-2", "ntk-from-p3=1e-3",
+            "ntk-from-p3=ntk:init_from=p3:feature_map=random:num_features=16:seeds=1", "--lr-grid", "p3=1e-2", "ntk-from-p3=1e-3",
             "--seeds", "0", "1", "--jobs", "2", "--model", tiny_bert, "--data", sst_files[0], "--eval-data", sst_files[1],
             "--train-size", "24", "--validation", "16", "--epochs", "1", "--batch-size", "8", "--threads", "1",
             "--out-dir", str(out), "--work-dir", str(work)]
@@ -53,9 +53,10 @@ def test_ntk_variant_starts_from_each_seeds_prefix_adapter(tmp_path, tiny_bert, 
     started = record["methods"]["ntk-from-p3"]
     assert started["init_from"] == "p3" and started["config"] == {"feature_map": "random", "num_features": 16}
     assert record["best_ntk_variant"] == "ntk-from-p3"
-    for seed in (0, 1):
-        run = json.loads((work / "start" / "ntk-from-p3" / f"seed{seed}" / "adapter" / "training_run.json").read_text())
-        assert run["init_from"] == str(work / "start" / "p3" / f"seed{seed}" / "adapter")
+    assert started["seeds"] == [0] and record["methods"]["p3"]["seeds"] == [0, 1]  # seeds=1: the first seed only
+    run = json.loads((work / "start" / "ntk-from-p3" / "seed0" / "adapter" / "training_run.json").read_text())
+    assert run["init_from"] == str(work / "start" / "p3" / "seed0" / "adapter")
+    assert "| ntk-from-p3 |" in (out / "start.md").read_text() and not (work / "start" / "ntk-from-p3" / "seed1").exists()
 
 
 def test_causal_lm_comparison_scores_the_untuned_base(tmp_path, tiny_llama, math_files):
@@ -83,8 +84,10 @@ def test_variant_and_grid_specs():
         parse_grid(["full=1e-5"], variants)
     with pytest.raises(ValueError, match="must be numbers"):
         parse_grid(["lora=fast"], variants)
-    started = parse_variant("n=ntk:init_from=p64:feature_map=elu")
-    assert (started.init_from, started.config) == ("p64", ["feature_map=elu"])
+    started = parse_variant("n=ntk:init_from=p64:feature_map=elu:seeds=1")
+    assert (started.init_from, started.config, started.seeds) == ("p64", ["feature_map=elu"], 1)
+    with pytest.raises(ValueError, match="seeds must be a count"):
+        parse_variant("n=ntk:seeds=0")
     with pytest.raises(ValueError, match="starts an ntk variant"):
         parse_variant("l=lora:init_from=p64")
     with pytest.raises(ValueError, match="must be a prefix variant listed before it"):

@@ -50,26 +50,34 @@ class Variant:
     method: str
     config: list[str] = field(default_factory=list)
     init_from: str | None = None  # label of a prefix variant whose adapters start this NTK variant
+    seeds: int | None = None  # run only the first N of --seeds (None: all)
+
+
+VARIANT_KEYS = ("init_from", "seeds")  # keys of a variant spec that are compare's own, not config fields
 
 
 def parse_variant(spec: str) -> Variant:
-    """``METHOD`` or ``LABEL=METHOD:KEY=VALUE:KEY=VALUE`` (e.g. ``prefix-m64=prefix:num_virtual_tokens=64``);
-    ``init_from=LABEL`` is not a config field but names the prefix variant an NTK variant starts from."""
+    """``METHOD`` or ``LABEL=METHOD:KEY=VALUE:KEY=VALUE`` (e.g. ``prefix-m64=prefix:num_virtual_tokens=64``).
+    Two keys are not config fields: ``init_from=LABEL`` names the prefix variant an NTK variant starts
+    from, ``seeds=N`` runs only the first N seeds."""
     label, sep, rest = spec.partition("=")
     if not sep:
         label, rest = spec, spec
-    method, *config = rest.split(":")
+    method, *items = rest.split(":")
     if method not in METHODS + (BASE,):
         raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {METHODS + (BASE,)}")
-    if method == BASE and config:
-        raise ValueError(f"--variants {spec!r}: the untuned base takes no config")
     if not label or "/" in label:
         raise ValueError(f"--variants {spec!r}: the label must be a plain name")
-    starts = [item.partition("=")[2] for item in config if item.startswith("init_from=")]
-    if starts and method != "ntk":
+    own = dict(item.split("=", 1) for item in items if item.partition("=")[0] in VARIANT_KEYS)
+    config = [item for item in items if item.partition("=")[0] not in VARIANT_KEYS]
+    if method == BASE and (config or own):
+        raise ValueError(f"--variants {spec!r}: the untuned base takes no config")
+    if "init_from" in own and method != "ntk":
         raise ValueError(f"--variants {spec!r}: init_from starts an ntk variant from a prefix variant")
-    return Variant(label, method, [item for item in config if not item.startswith("init_from=")],
-                   starts[-1] if starts else None)
+    seeds = own.get("seeds")
+    if seeds is not None and not (seeds.isdigit() and int(seeds) >= 1):
+        raise ValueError(f"--variants {spec!r}: seeds must be a count >= 1")
+    return Variant(label, method, config, own.get("init_from"), int(seeds) if seeds else None)
 
 
 def check_starts(variants: list[Variant]) -> None:
@@ -187,7 +195,7 @@ def run_variant(args, variant: Variant, rates: list[float], started: dict) -> di
     first = run_once(train_command(args, variant, rates, args.seeds[0], folder(args.seeds[0])), folder(args.seeds[0]))
     chosen = first["learning_rate"]
     results = [first] + [run_once(train_command(args, variant, [chosen], seed, folder(seed)), folder(seed))
-                         for seed in args.seeds[1:]]
+                         for seed in args.seeds[1:variant.seeds]]
     return summarize(variant, results)
 
 
@@ -294,14 +302,14 @@ def markdown_table(record: dict) -> str:
     metric = "accuracy" if any("dev_accuracy" in m for m in methods.values()) else "loss"
     extra = any("exact_match" in m for m in methods.values())
     header = (f"| variant | trainable (excl. head) | lr (chosen on validation) | validation grid | dev {metric} "
-              f"(mean ± std, {len(record['seeds'])} seeds) |" + (" exact match |" if extra else "")
+              f"(mean ± std over seeds) | seeds |" + (" exact match |" if extra else "")
               + " train s | peak RSS MB |")
     lines = [f"Command: `{record['command']}`", "", header, "|" + "---|" * (header.count("|") - 1)]
     for label, m in methods.items():
         grid = ", ".join(f"{lr}: {value:.3f}" for lr, value in m["validation_grid"].items()) or "untuned"
         rate = "-" if m["learning_rate"] is None else f"{m['learning_rate']:g}"
         row = (f"| {label} | {m['trainable_params']:,} ({m['trainable_params_excl_head']:,}) | {rate} | "
-               f"{grid} | {m[f'dev_{metric}']:.4f} ± {m[f'dev_{metric}_std']:.4f} |")
+               f"{grid} | {m[f'dev_{metric}']:.4f} ± {m[f'dev_{metric}_std']:.4f} | {len(m['seeds']) or '-'} |")
         if extra:
             row += f" {m.get('exact_match', float('nan')):.4f} |"
         lines.append(row + f" {m['train_seconds']:.0f} | {m['peak_rss_mb']:.0f} |")
