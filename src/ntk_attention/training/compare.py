@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .models import METHODS
+from .train import add_data_arguments, parse_options
 from ..io import save_figure, write_json, write_text
 
 BASE = "base"  # the untuned model, scored but not trained
@@ -128,8 +129,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--head-lr", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None)
-    from .train import add_data_arguments
-
     add_data_arguments(parser)
 
 
@@ -205,7 +204,7 @@ def summarize(variant: Variant, results: list[dict]) -> dict:
     metric = "accuracy" if first["task"] == "classification" else "loss"
     scores = [result["after"][split][metric] for result in results]
     summary = {
-        "method": variant.method, "config": first["config"], "init_from": variant.init_from,
+        "method": variant.method, "config": parse_options(variant.config), "init_from": variant.init_from,
         "learning_rate": first["learning_rate"],
         f"dev_{metric}": statistics.mean(scores),
         f"dev_{metric}_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
