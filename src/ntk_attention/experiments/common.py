@@ -205,9 +205,11 @@ class NTKState(torch.nn.Module):
 
     ``Z = m * zeta`` and ``k = m * kappa``: a prefix of m tokens has statistics that grow like m, and
     Adam's steps are of fixed size, so the parameters are kept O(1). Start: ``zeta = 0`` (no
-    effect on the values) and ``kappa`` = 1% of the mean feature of keys from the input
-    distribution (a positive denominator). With ``rank = s``, ``zeta = A @ B`` (B = 0 at the start,
-    A random), as in the paper's low-rank variant.
+    effect on the values) and ``kappa0``, the mean feature of keys from the input distribution: the
+    denominator of a typical prefix of m tokens. (A start at 1% of it makes the output 100 times as
+    sensitive to ``zeta`` once the prefix holds most of the mass; at m = 2^16 the first steps then
+    blow the loss up to 1e4 and random features never recover.) With ``rank = s``, ``zeta = A @ B``
+    (B = 0 at the start, A random), as in the paper's low-rank variant.
     """
 
     def __init__(self, fmap: FeatureMap, m: int, head_dim: int, value_dim: int, kappa0: torch.Tensor,
@@ -243,7 +245,7 @@ def fit_ntk_state(sampler: InputSampler, prefix_k, prefix_v, fmap: FeatureMap, c
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         _, probe_k, _ = sampler.qkv(1, 256)
-        kappa0 = 0.01 * fmap(probe_k.to(dt).reshape(-1, d), d**-0.5).mean(0)
+        kappa0 = fmap(probe_k.to(dt).reshape(-1, d), d**-0.5).mean(0)
     state = NTKState(fmap, m, d, dv, kappa0.to(dt), rank=cfg.rank, generator=gen)
     opt = torch.optim.Adam(state.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
