@@ -122,7 +122,7 @@ def test_unsupported_base_implementation_and_double_wrap():
     [
         ({"feature_map": "cosine"}, "feature_map must be one of"),
         ({"num_features": 8}, r"\['num_features'\] do not apply to feature_map='elu'"),
-        ({"k_parametrization": "softplus"}, "k_init must be > 0"),
+        ({"k_parametrization": "softplus", "k_init": 0.0}, "k_init must be > 0"),
         ({"virtual_prefix_length": 0}, "virtual_prefix_length must be > 0"),
         ({"feature_dropout": 1.0}, "feature_dropout must be in"),
         ({"task_type": "TRANSLATE"}, "task_type must be one of"),
