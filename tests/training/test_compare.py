@@ -61,7 +61,7 @@ def test_ntk_variant_starts_from_each_seeds_prefix_adapter(tmp_path, tiny_bert, 
 
 def test_causal_lm_comparison_scores_the_untuned_base(tmp_path, tiny_llama, math_files):
     out = tmp_path / "results"
-    argv = ["compare", "--name", "math", "--variants", "base", "ntk", "--lr-grid", "ntk=1e-2", "--seeds", "0",
+    argv = ["compare", "--name", "math", "--variants", "base", "ntk=ntk:k_init=0", "--lr-grid", "ntk=1e-2", "--seeds", "0",
             "--model", tiny_llama, "--data", math_files[0], "--eval-data", math_files[1], "--train-size", "24",
             "--validation", "8", "--epochs", "1", "--batch-size", "8", "--threads", "1", "--max-new-tokens", "3",
             "--generate-size", "4", "--out-dir", str(out), "--work-dir", str(tmp_path / "work")]
@@ -70,7 +70,7 @@ def test_causal_lm_comparison_scores_the_untuned_base(tmp_path, tiny_llama, math
     base, ntk = methods["base"], methods["ntk"]
     assert base["trainable_params"] == 0 and base["generated"] == 4 and 0 <= base["exact_match"] <= 1
     assert base["dev_loss"] > 0 and ntk["dev_loss"] > 0 and "exact_match" in ntk
-    assert ntk["dev_loss_before"] == pytest.approx(base["dev_loss"], rel=1e-5)  # the identity start is the base
+    assert ntk["dev_loss_before"] == pytest.approx(base["dev_loss"], rel=1e-5)  # k_init=0: the exact start is the base
     assert "| base | 0 (0) | - | untuned |" in (out / "math.md").read_text()
 
 
