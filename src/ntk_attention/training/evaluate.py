@@ -90,7 +90,7 @@ def evaluate(args) -> dict:
     D.check_table(table, task, columns, args.data, run.get("num_labels"))
     table = D.first_rows(table, args.eval_size)
 
-    model, tokenizer, run = load_base_for_eval(args, run) if args.model else M.load_trained(args.adapter)
+    model, tokenizer, run = load_base_for_eval(args) if args.model else M.load_trained(args.adapter)
     max_length = args.max_length or run.get("max_length") or 512
     encoded = encode(table, tokenizer, task, columns, max_length, args.data)
     with tempfile.TemporaryDirectory() as scratch:
@@ -111,10 +111,10 @@ def base_run(args) -> dict:
     return {"base_model": args.model, "gguf_file": args.gguf_file, "task": "causal-lm", "method": "none"}
 
 
-def load_base_for_eval(args, run: dict):
+def load_base_for_eval(args):
     tokenizer = M.load_tokenizer(args.model, args.gguf_file)
     model, _ = M.load_base(args.model, "causal-lm", gguf_file=args.gguf_file, pad_token_id=tokenizer.pad_token_id)
-    return model.eval(), tokenizer, run
+    return model.eval(), tokenizer, base_run(args)
 
 
 def run(args) -> int:

@@ -233,20 +233,20 @@ def _better(task: str, candidate: dict, incumbent: dict) -> bool:
     return candidate["loss"] < incumbent["loss"]
 
 
-def _best_validation(trainer) -> dict | None:
-    """The validation scores of the epoch that load_best_model_at_end restored, from the log (no
-    third pass over the validation slice); None when no epoch was scored."""
+def _best_log(trainer) -> dict:
+    """The log entry of the epoch that load_best_model_at_end restored ({} when no epoch was scored)."""
     key = "eval_" + trainer.args.metric_for_best_model
-    for log in trainer.state.log_history:
-        if log.get(key) == trainer.state.best_metric:
-            return {name[5:]: log[name] for name in ("eval_accuracy", "eval_loss") if name in log}
-    return None
+    return next((log for log in trainer.state.log_history if log.get(key) == trainer.state.best_metric), {})
+
+
+def _best_validation(trainer) -> dict | None:
+    """Its validation scores, read from the log instead of a third pass over the validation slice."""
+    scores = {name[5:]: value for name, value in _best_log(trainer).items() if name in ("eval_accuracy", "eval_loss")}
+    return scores or None
 
 
 def _best_epoch(trainer) -> float | None:
-    key = "eval_" + trainer.args.metric_for_best_model
-    epochs = [log["epoch"] for log in trainer.state.log_history if log.get(key) == trainer.state.best_metric]
-    return epochs[0] if epochs else None
+    return _best_log(trainer).get("epoch")
 
 
 def print_summary(result: dict) -> None:
