@@ -144,11 +144,13 @@ def train_command(args, variant: Variant, rates: list[float], seed: int, folder:
         command += ["--config", *variant.config]
     if variant.init_from:
         command += ["--init-from", os.path.join(run_folder(args, variant.init_from, seed), "adapter")]
-    for name in TRAIN_OPTIONS:
-        value = getattr(args, name, None)
-        if value is not None:
-            command += ["--" + name.replace("_", "-"), str(value)]
-    return command
+    return command + forwarded_options(args, TRAIN_OPTIONS)
+
+
+def forwarded_options(args, names) -> list[str]:
+    """``--name value`` for each of ``names`` that is set in ``args``."""
+    return [word for name in names if getattr(args, name, None) is not None
+            for word in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
 
 
 def run_once(command: list[str], folder: str) -> dict:
@@ -173,10 +175,8 @@ def score_base(args, variant: Variant) -> dict:
     folder = os.path.join(args.work_dir, args.name, variant.label)
     command = [sys.executable, "-m", "ntk_attention.cli", "eval", "--model", args.model, "--data", args.eval_data,
                "--result-json", os.path.join(folder, "result.json")]
-    for name in ("gguf_file", "batch_size", "prompt_field", "answer_field", "max_length", "eval_size", "max_new_tokens",
-                 "generate_size", "generate_batch_size"):
-        if getattr(args, name, None) is not None:
-            command += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    command += forwarded_options(args, ("gguf_file", "batch_size", "prompt_field", "answer_field", "max_length",
+                                        "eval_size", "max_new_tokens", "generate_size", "generate_batch_size"))
     result = run_once(command, folder)
     return {"method": BASE, "config": {}, "init_from": None, "learning_rate": None, "dev_loss": result["loss"],
             "dev_loss_std": 0.0, "dev_loss_per_seed": [result["loss"]], "seeds": [], "validation_grid": {},
