@@ -30,7 +30,7 @@ from torch import nn
 from .ops import prefix_to_ntk
 from .tuners import NTKConfig, NTKModel, PrefixConfig, get_ntk_model
 from .tuners.attention_hook import ADAPTER_ATTR, find_attention_modules
-from .tuners.model import _pretrained_model
+from .tuners.model import transformers_model
 
 __all__ = ["ntk_from_prefix", "compress_context", "prefix_from_peft", "context_prefix", "prefix_tensors"]
 
@@ -192,7 +192,7 @@ def ntk_from_prefix(prefix_model: nn.Module, feature_map: str = "elu", **feature
 def context_tensors(model: nn.Module, tokenizer, text: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values ``[kv_heads, T, d]`` of ``text`` in every attention layer, as the KV cache holds them,
     computed at positions -T ... -1 so that an input at positions 0, 1, ... follows the text."""
-    base = _pretrained_model(model)
+    base = transformers_model(model)
     if isinstance(model, NTKModel):
         raise TypeError("compress a text with the plain transformers model, not one that already has an adapter")
     if not isinstance(text, str) or not text:

@@ -49,7 +49,7 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _pretrained_model(model: nn.Module) -> PreTrainedModel:
+def transformers_model(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside ``model`` (itself, or the one a PEFT model wraps)."""
     inner = model.get_base_model() if _is_peft_model(model) else model
     if not isinstance(inner, PreTrainedModel):
@@ -89,7 +89,7 @@ class NTKModel(nn.Module):
             raise ValueError("the model already has an NTK/prefix adapter; unload() it first")
         if not isinstance(config, AdapterConfig) or config.method not in LAYER_CLASSES:
             raise TypeError(f"config must be an NTKConfig or a PrefixConfig, got {type(config).__name__}")
-        pretrained = _pretrained_model(model)
+        pretrained = transformers_model(model)
         if any(isinstance(m, AdapterLayer) for m in model.modules()):
             raise ValueError(f"{type(pretrained).__name__} already has an NTK/prefix adapter attached; unload() it first")
         # A config shared with an adapted model already names the hook: read the implementation under it.
@@ -218,7 +218,7 @@ class NTKModel(nn.Module):
         for module in list(self.base_model.modules()):
             if isinstance(getattr(module, ADAPTER_ATTR, None), AdapterLayer):
                 delattr(module, ADAPTER_ATTR)
-        _pretrained_model(self.base_model).set_attn_implementation(self._base_implementation)
+        transformers_model(self.base_model).set_attn_implementation(self._base_implementation)
         for name, p in self.base_model.named_parameters():
             p.requires_grad_(name in self._trainable_before)
         base = self.base_model
@@ -235,7 +235,7 @@ class NTKModel(nn.Module):
         metadata = {"format": "pt", "method": self.adapter_config.method}
         write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         data = self.adapter_config.to_dict()
-        data["base_model_class"] = type(_pretrained_model(self.base_model)).__name__
+        data["base_model_class"] = type(transformers_model(self.base_model)).__name__
         if self._wraps_peft:
             self.base_model.save_pretrained(folder / PEFT_SUBFOLDER)
             data["peft_adapter_subfolder"] = PEFT_SUBFOLDER
