@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from ntk_attention import cli
-from ntk_attention.training.compare import check_starts, parse_grid, parse_variant
+from ntk_attention.training.compare import check_starts, parse_grid, parse_variant, run_once
 
 
 def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_bert, sst_files):
@@ -92,3 +92,15 @@ def test_variant_and_grid_specs():
         parse_variant("l=lora:init_from=p64")
     with pytest.raises(ValueError, match="must be a prefix variant listed before it"):
         check_starts([started, variants[1]])
+
+
+def test_a_cached_result_naming_another_folders_adapter_is_refused(tmp_path):
+    """A run folder moved under another label keeps a result.json pointing at the old adapter."""
+    for label in ("ntk", "ntk-free"):
+        (tmp_path / label / "seed0").mkdir(parents=True)
+    result = {"adapter": str(tmp_path / "ntk" / "seed0" / "adapter")}
+    (tmp_path / "ntk-free" / "seed0" / "result.json").write_text(json.dumps(result))
+    (tmp_path / "ntk" / "seed0" / "result.json").write_text(json.dumps(result))
+    assert run_once(["never", "run", "it", "train"], str(tmp_path / "ntk" / "seed0")) == result
+    with pytest.raises(ValueError, match="outside its run folder"):
+        run_once(["never", "run", "it", "train"], str(tmp_path / "ntk-free" / "seed0"))

@@ -165,7 +165,12 @@ def run_once(command: list[str], folder: str) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"{command[3]} failed (exit {done.returncode}); see {os.path.join(folder, 'log.txt')}")
     with open(result_file) as handle:
-        return json.load(handle)
+        result = json.load(handle)
+    adapter = result.get("adapter")
+    if adapter and os.path.commonpath([os.path.realpath(adapter), os.path.realpath(folder)]) != os.path.realpath(folder):
+        raise ValueError(f"{result_file} names the adapter {adapter}, outside its run folder: a moved or copied run? "
+                         "Rerun it (delete the folder) or fix the path")
+    return result
 
 
 def score_base(args, variant: Variant) -> dict:
