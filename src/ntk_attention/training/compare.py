@@ -195,12 +195,25 @@ def run_variant(args, variant: Variant, rates: list[float], started: dict) -> di
         return score_base(args, variant)
     if variant.init_from:
         started[variant.init_from].result()  # its adapters must exist; it was submitted first, so no deadlock
-    folder = lambda seed: run_folder(args, variant.label, seed)  # noqa: E731
-    first = run_once(train_command(args, variant, rates, args.seeds[0], folder(args.seeds[0])), folder(args.seeds[0]))
-    chosen = first["learning_rate"]
-    results = [first] + [run_once(train_command(args, variant, [chosen], seed, folder(seed)), folder(seed))
-                         for seed in args.seeds[1:variant.seeds]]
-    return summarize(variant, results)
+    def train(seed: int, seed_rates: list[float]) -> dict:
+        folder = run_folder(args, variant.label, seed)
+        return check_run(run_once(train_command(args, variant, seed_rates, seed, folder), folder), variant, seed, seed_rates, folder)
+
+    first = train(args.seeds[0], rates)
+    return summarize(variant, [first] + [train(seed, [first["learning_rate"]]) for seed in args.seeds[1:variant.seeds]])
+
+
+def check_run(result: dict, variant: Variant, seed: int, rates: list[float], folder: str) -> dict:
+    """A cached result must be the run asked for: same method, config, seed and learning rates."""
+    asked = {"method": variant.method, "config": parse_options(variant.config), "seed": seed,
+             "learning rates": sorted(rates)}
+    found = {"method": result.get("method"), "config": result.get("config"), "seed": result.get("seed"),
+             "learning rates": sorted(run["learning_rate"] for run in result.get("grid", []))}
+    differ = [f"{key} {found[key]!r} (asked: {asked[key]!r})" for key in asked if found[key] != asked[key]]
+    if differ:
+        raise ValueError(f"{os.path.join(folder, 'result.json')} is another run: " + ", ".join(differ)
+                         + "; delete the folder or use another --work-dir / --name")
+    return result
 
 
 def summarize(variant: Variant, results: list[dict]) -> dict:
