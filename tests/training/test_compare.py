@@ -39,6 +39,9 @@ def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_ber
     (out / "tiny.json").unlink()
     assert cli.main(argv) == 0
     assert json.loads((out / "tiny.json").read_text())["methods"] == record["methods"]
+    # No NTK variant within the parameter limit: no adapter copied, the earlier copy removed.
+    assert cli.main(argv + ["--ntk-adapter-max-params", str(ntk["trainable_params_excl_head"] - 1)]) == 0
+    assert "best_ntk_variant" not in json.loads((out / "tiny.json").read_text()) and not (out / "tiny" / "ntk").exists()
 
 
 def test_ntk_variant_starts_from_each_seeds_prefix_adapter(tmp_path, tiny_bert, sst_files):

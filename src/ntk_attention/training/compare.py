@@ -118,6 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
     parser.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--work-dir", default=os.path.join("runs", "compare"), help="checkpoints and per-run results")
+    parser.add_argument("--ntk-adapter-max-params", type=int, default=None, metavar="N",
+                        help="copy to <out-dir>/<name>/ntk/ the best NTK variant (on validation) among those with at "
+                             "most N trainable parameters besides the head (default: any)")
     parser.add_argument("--machine-note", default="", help="recorded with the results, e.g. 'shared 2-core CPU'")
     parser.add_argument("--data", default=None)
     parser.add_argument("--eval-data", default=None)
@@ -288,18 +291,19 @@ def run(args) -> int:
         record["methods"] = {label: future.result() for label, future in futures.items()}
     record["wall_seconds"] = time.perf_counter() - start
     record["machine"]["load_average_at_end"] = os.getloadavg()
-    write_results(args.out_dir, args.name, record, variants)
+    write_results(args.out_dir, args.name, record, variants, args.ntk_adapter_max_params)
     return 0
 
 
-def write_results(out_dir: str, name: str, record: dict, variants: list[Variant]) -> None:
+def write_results(out_dir: str, name: str, record: dict, variants: list[Variant], max_params: int | None = None) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    ntk = [v.label for v in variants if v.method == "ntk"]  # the untuned base has no adapter to copy
+    ntk = [v.label for v in variants if v.method == "ntk"
+           and (max_params is None or record["methods"][v.label]["trainable_params_excl_head"] <= max_params)]
+    target = os.path.join(out_dir, name, "ntk")
+    shutil.rmtree(target, ignore_errors=True)  # a copy from an earlier call may no longer be the best
     if ntk:
         best = max(ntk, key=lambda label: validation_score(record["methods"][label]))
         record["best_ntk_variant"] = best
-        target = os.path.join(out_dir, name, "ntk")
-        shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(record["methods"][best]["adapter"], target)
     write_json(os.path.join(out_dir, f"{name}.json"), record)
     table = markdown_table(record)
