@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -84,9 +85,18 @@ def test_causal_lm_trains_on_answers_and_reports_exact_match(tmp_path, capsys, t
     assert result["task"] == "causal-lm" and result["trainable_params"] == result["trainable_params_excl_head"]
     after = result["after"]["eval"]
     assert set(after) >= {"loss", "exact_match"} and 0 <= after["exact_match"] <= 1
-    evaluated = run_eval(capsys, "--adapter", result["adapter"], "--data", math_files[1], "--max-new-tokens", "4")
+    trained = [json.loads(line) for line in open(os.path.join(os.path.dirname(result["adapter"]), "predictions.jsonl"))]
+    assert len(trained) == 6 and sum(row["match"] for row in trained) / 6 == after["exact_match"]
+    predictions = tmp_path / "eval-predictions.jsonl"
+    evaluated = run_eval(capsys, "--adapter", result["adapter"], "--data", math_files[1], "--max-new-tokens", "4",
+                         "--predictions", str(predictions))
     assert evaluated["loss"] == pytest.approx(after["loss"], rel=1e-4)
     assert evaluated["exact_match"] == after["exact_match"] and evaluated["generated"] == 6
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [row["generated"] for row in rows] == [row["generated"] for row in trained]  # greedy: the same text
+    for row in rows:
+        assert set(row) == {"prompt", "reference", "generated", "reference_number", "generated_number", "match"}
+        assert row["match"] == (row["reference_number"] is not None and row["generated_number"] == row["reference_number"])
 
 
 def test_eval_scores_an_untuned_causal_lm_and_generates_on_fewer_rows(capsys, tiny_llama, math_files):

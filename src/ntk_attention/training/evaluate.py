@@ -20,7 +20,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from ..io import write_json
+from ..io import write_json, write_jsonl
 from . import data as D
 from . import models as M
 from .fit import FitSettings, make_trainer, peak_rss_mb, score
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help=".tsv/.csv/.jsonl/.json file or hub NAME[:CONFIG]:SPLIT")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--result-json", default=None, help="also write the JSON object to this file")
+    parser.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                        help="causal LM: write each generated answer, its final number and the reference's")
     add_data_arguments(parser)
     # Columns default to what the adapter was trained with (--model: the causal-lm defaults).
     parser.set_defaults(label_column=None, prompt_field=None, answer_field=None)
@@ -55,12 +57,13 @@ def final_number(text: str) -> str | None:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int, batch_size: int) -> dict:
-    """Greedy-decode an answer for every prompt and compare its final number with the reference's."""
+def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:
+    """Greedy-decode an answer for every prompt and compare its final number with the reference's:
+    ``({"exact_match", "generated"}, one record per row: prompt, reference, generated text, numbers, match)``."""
     model.eval()
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoders pad on the left
-    hits = 0
+    predictions = []
     for start in tqdm(range(0, len(table), batch_size), desc="generate"):
         rows = table[start:start + batch_size]
         prompts = [{"input_ids": D.prompt_ids(tokenizer, prompt)} for prompt in rows[columns.prompt]]
@@ -68,10 +71,13 @@ def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        hits += sum(final_number(text) == final_number(answer) and final_number(answer) is not None
-                    for text, answer in zip(texts, rows[columns.answer]))
+        for prompt, answer, text in zip(rows[columns.prompt], rows[columns.answer], texts):
+            expected, found = final_number(answer), final_number(text)
+            predictions.append({"prompt": prompt, "reference": answer, "generated": text, "reference_number": expected,
+                                "generated_number": found, "match": expected is not None and found == expected})
     tokenizer.padding_side = padding_side
-    return {"exact_match": hits / len(table), "generated": len(table)}
+    hits = sum(row["match"] for row in predictions)
+    return {"exact_match": hits / len(table), "generated": len(table)}, predictions
 
 
 def evaluate(args) -> dict:
@@ -101,7 +107,11 @@ def evaluate(args) -> dict:
                   "task": task, "rows": len(table), **score(trainer, encoded)}
     if task == "causal-lm":
         generate_rows = D.first_rows(table, args.generate_size)
-        result.update(exact_match(model, tokenizer, generate_rows, columns, args.max_new_tokens, args.generate_batch_size))
+        scores, predictions = exact_match(model, tokenizer, generate_rows, columns, args.max_new_tokens,
+                                          args.generate_batch_size)
+        result.update(scores)
+        if args.predictions:
+            write_jsonl(args.predictions, predictions)
     return {**result, "device": str(next(model.parameters()).device), "peak_rss_mb": peak_rss_mb()}
 
 

@@ -19,7 +19,7 @@ import datasets
 import torch
 import transformers
 
-from ..io import write_json
+from ..io import write_json, write_jsonl
 from . import data as D
 from . import models as M
 from .fit import FitSettings, make_trainer, peak_rss_mb, score
@@ -201,8 +201,10 @@ def train(args) -> dict:
         from .evaluate import exact_match
 
         generate_rows = D.first_rows(plan["eval"], args.generate_size)
-        after["eval"].update(exact_match(trainer.model, tokenizer, generate_rows, columns, args.max_new_tokens,
-                                             args.generate_batch_size))
+        scores, predictions = exact_match(trainer.model, tokenizer, generate_rows, columns, args.max_new_tokens,
+                                          args.generate_batch_size)
+        after["eval"].update(scores)
+        write_jsonl(os.path.join(output_dir, "predictions.jsonl"), predictions)
 
     adapter_dir = os.path.join(output_dir, "adapter")
     record = {
