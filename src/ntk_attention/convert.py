@@ -142,7 +142,7 @@ def _ntk_adapter(base: nn.Module, tensors, config: NTKConfig) -> NTKModel:
     model = get_ntk_model(base, config)
     with torch.no_grad():
         for (module, layer), (k, v) in zip(_adapted_modules(model), tensors):
-            groups = layer.geometry.heads // k.shape[0]  # Z and k per query head: repeat each KV head
+            groups = layer.k.shape[0] // k.shape[0]  # per query head: repeat each KV head; per_kv_head: 1
             z, kvec = prefix_to_ntk(k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0),
                                     feature_map=fmap, scale=getattr(module, "scaling", None))
             layer.set_ntk_state(z, kvec)

@@ -160,6 +160,18 @@ def test_compress_context_keeps_a_fixed_size_state():
     assert not any("ntk_adapter" in n for n, _ in model.named_modules())
 
 
+def test_per_kv_head_conversions_keep_one_state_per_kv_head_and_the_same_outputs():
+    model, tok = tiny_llama(), CharTokenizer()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    prefix_model = randomised_prefix_model(tiny_llama())
+    for convert in (lambda **o: compress_context(model, tok, "some context text", feature_map="random", num_features=64, **o),
+                    lambda **o: ntk_from_prefix(prefix_model, feature_map="elu", **o)):
+        per_query, per_kv = convert(), convert(per_kv_head=True)
+        assert all(layer.z.shape[0] == 2 and layer.k.shape == (2, layer.z.shape[1]) for layer in per_kv.adapter_layers())
+        with torch.no_grad():
+            torch.testing.assert_close(per_kv(input_ids=ids).logits, per_query(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
 def test_conversion_errors():
     model = tiny_llama()
     with pytest.raises(TypeError, match="prefix"):

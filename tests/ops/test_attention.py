@@ -274,6 +274,28 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
     assert grew_mb < 128, f"peak memory grew by {grew_mb} MiB; an L x L float32 matrix would be 256 MiB"
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])  # non-causal GQA takes the folded path
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_state_per_kv_head_is_the_same_state_repeated_over_its_group(device, backend, causal, dtype):
+    skip_unsupported(backend, dtype)
+    B, H, H_kv, L, S, D, Dv = 2, 6, 2, 5, 7, 8, 4
+    fmap = get_feature_map("elu")
+    q, k, v, z, kvec = make_inputs(B, H, H_kv, L, S, D, Dv, fmap, dtype, device)
+    z_kv, kvec_kv = z[:H_kv].detach().requires_grad_(), kvec[:H_kv].detach().requires_grad_()
+    out = ntk_attention(q, k, v, z_kv, kvec_kv, feature_map=fmap, causal=causal, backend=backend)
+    repeated = ntk_attention(q, k, v, z_kv.repeat_interleave(3, 0), kvec_kv.repeat_interleave(3, 0), feature_map=fmap,
+                             causal=causal, backend=backend)
+    ref = ntk_attention_naive(q, k, v, z_kv, kvec_kv, fmap, causal)
+    assert_close(out, repeated, dtype, "output")
+    assert_close(out, ref, dtype, "output vs reference")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, z_kv, kvec_kv), g)
+    for name, a, b in zip("q k v z kvec".split(), grads, torch.autograd.grad(ref, (q, k, v, z_kv, kvec_kv), g)):
+        assert_close(a, b, dtype, f"grad {name}")
+    assert grads[3].shape == (H_kv, fmap.feature_dim(D), Dv)
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -284,6 +306,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
         (lambda a: a.update(v=a["v"][:, :, :4]), "same length S"),
         (lambda a: a.update(z=a["z"][:, :3]), "z must have shape"),
         (lambda a: a.update(kvec=a["kvec"][:1]), "kvec must have shape"),
+        (lambda a: a.update(z=torch.zeros(3, 4, 4), kvec=torch.zeros(3, 4)), "z must have shape"),  # neither H nor H_kv
+        (lambda a: a.update(z=torch.zeros(2, 4, 4)), "kvec must have shape"),  # z per KV head, kvec per query head
         (lambda a: a.update(k=a["k"].double()), "dtype"),
         (lambda a: a.update(feature_map="cosine"), "unknown feature_map"),
         (lambda a: a.update(feature_map=get_feature_map("taylor")), "z must have shape"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tuner_models import build, inputs_for, randomize_adapter
 
-from ntk_attention import NTKConfig, PrefixConfig, get_ntk_model
+from ntk_attention import NTKConfig, NTKModel, PrefixConfig, get_ntk_model
 from ntk_attention.tuners.ntk.model import _NonNegative
 
 
@@ -39,6 +39,29 @@ def test_low_rank_shapes_and_count():
     model = get_ntk_model(build("llama-gqa"), NTKConfig(rank=4))
     shapes = {n.rsplit(".", 1)[-1]: tuple(p.shape) for n, p in model.adapter_state_dict().items()}
     assert shapes == {"z_a": (4, 16, 4), "z_b": (4, 4, 16), "k": (4, 16)}
+
+
+@pytest.mark.parametrize("tied", ["tied", "free"])
+def test_state_per_kv_head_is_a_query_head_state_repeated_over_the_group(tied, tmp_path):
+    """llama-gqa has 4 query heads on 2 KV heads: per_kv_head stores half the state, and behaves as
+    the per-query-head adapter whose state repeats each KV head's over its group."""
+    batch = inputs_for("llama-gqa")
+    shared = get_ntk_model(build("llama-gqa"), NTKConfig(per_kv_head=True, z_parametrization=tied))
+    randomize_adapter(shared)
+    assert {tuple(p.shape) for p in shared.adapter_state_dict().values()} == {(2, 16, 16), (2, 16)}
+    repeated = get_ntk_model(build("llama-gqa"), NTKConfig(z_parametrization=tied))
+    with torch.no_grad():
+        for a, b in zip(shared.adapter_layers(), repeated.adapter_layers()):
+            for name, p in a.named_parameters():
+                getattr(b, name).copy_(p.repeat_interleave(2, 0))
+    torch.testing.assert_close(shared(**batch).logits, repeated(**batch).logits, rtol=1e-5, atol=1e-6)
+    _, grads = loss_and_grads(shared, batch)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    shared.save_pretrained(tmp_path)
+    loaded = NTKModel.from_pretrained(build("llama-gqa"), tmp_path)
+    assert loaded.adapter_config.per_kv_head and torch.equal(loaded(**batch).logits, shared(**batch).logits)
+    with pytest.raises(TypeError, match="per_kv_head"):
+        NTKConfig(per_kv_head="yes")
 
 
 def test_k_stays_non_negative_and_recovers():

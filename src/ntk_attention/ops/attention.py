@@ -78,7 +78,8 @@ def ntk_attention(
     additive float); the NTK term is never masked. ``phi(q)^T kvec`` is clamped at 0.
 
     Shapes: q ``[B,H,L,D]``, k ``[B,H_kv,S,D]``, v ``[B,H_kv,S,D_v]``, z ``[H,r,D_v]``,
-    kvec ``[H,r]`` with ``r = feature_map.feature_dim(D)``; returns ``[B,H,L,D_v]`` in q's dtype.
+    kvec ``[H,r]`` with ``r = feature_map.feature_dim(D)`` (or ``[H_kv,...]``: one state per key/value
+    head, shared by its query heads like a GQA prefix); returns ``[B,H,L,D_v]`` in q's dtype.
     ``dropout_p`` drops softmax weights over the input (not the NTK term). ``backend`` forces
     ``"fused-cpu"``, ``"flash-cuda"``, ``"fused-cuda"`` or ``"chunked"``; by default a fused kernel
     is used where one supports the inputs. Memory is O(L): no L x S matrix is built, except the
@@ -88,7 +89,7 @@ def ntk_attention(
     B, H, H_kv, L, S, D, D_v = check_qkv(q, k, v)
     fmap = get_feature_map(feature_map)
     r = fmap.feature_dim(D)
-    check_ntk_state(z, kvec, H, r, D_v, q, fmap)
+    check_ntk_state(z, kvec, H, H_kv, r, D_v, q, fmap)
     check_mask(attn_mask, B, H, L, S, q.device)
     scale = _scale(scale, D)
     dropout_p = _check_dropout(dropout_p)
@@ -96,7 +97,8 @@ def ntk_attention(
     # Under autocast these matmuls would run in bfloat16; the NTK sums need full precision.
     with torch.autocast(q.device.type, enabled=False):
         phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
-        ntk_stats = phi @ torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)  # [N | c]
+        state = torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)
+        ntk_stats = phi @ state.repeat_interleave(H // state.shape[0], dim=0)  # [N | c]; a KV head's state serves its group
     mask = _additive_mask(attn_mask, q.dtype)
     folded = _fold_groups(q, k, v, ntk_stats, mask, causal)
     if folded is not None:

@@ -61,16 +61,19 @@ def check_mask(attn_mask, B: int, H: int, L: int, S: int, device) -> None:
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, L, S] = {[B, H, L, S]}")
 
 
-def check_ntk_state(z, kvec, H: int, r: int, D_v: int, q: torch.Tensor, feature_map) -> None:
-    check_tensor("z", z, 3, "[H, r, D_v]")
-    check_tensor("kvec", kvec, 2, "[H, r]")
-    if tuple(z.shape) != (H, r, D_v):
+def check_ntk_state(z, kvec, H: int, H_kv: int, r: int, D_v: int, q: torch.Tensor, feature_map) -> None:
+    """``z [H or H_kv, r, D_v]``, ``kvec`` with the same head count ``[H or H_kv, r]``."""
+    check_tensor("z", z, 3, "[H or H_kv, r, D_v]")
+    check_tensor("kvec", kvec, 2, "[H or H_kv, r]")
+    heads = z.shape[0] if z.shape[0] in (H, H_kv) else H
+    if tuple(z.shape) != (heads, r, D_v):
         raise ValueError(
-            f"z must have shape [H, r, D_v] = {[H, r, D_v]} for feature map {feature_map!r} "
-            f"(r = {r} at head dim {q.shape[-1]}), got {tuple(z.shape)}"
+            f"z must have shape [H or H_kv, r, D_v] = {[H, r, D_v]} or {[H_kv, r, D_v]} for feature map "
+            f"{feature_map!r} (r = {r} at head dim {q.shape[-1]}), got {tuple(z.shape)}"
         )
-    if tuple(kvec.shape) != (H, r):
-        raise ValueError(f"kvec must have shape [H, r] = {[H, r]} for feature map {feature_map!r}, got {tuple(kvec.shape)}")
+    if tuple(kvec.shape) != (heads, r):
+        raise ValueError(f"kvec must have shape [{heads}, r] = {[heads, r]} (z's head count) for feature map "
+                         f"{feature_map!r}, got {tuple(kvec.shape)}")
     for name, x in (("z", z), ("kvec", kvec)):
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")

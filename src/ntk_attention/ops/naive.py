@@ -50,8 +50,8 @@ def ntk_attention_naive(q, k, v, z, kvec, feature_map="elu", causal=False, attn_
     qc, kc, vc = q.to(dt), _repeat_kv(k, H).to(dt), _repeat_kv(v, H).to(dt)
     s = scale * qc @ kc.transpose(-1, -2) + additive_mask(L, S, causal, attn_mask, q.device, dt)
     phi = fmap(qc, scale).to(dt)
-    num_ntk = phi @ z.to(dt)  # [B, H, L, D_v]
-    den_ntk = (phi @ kvec.to(dt).unsqueeze(-1)).clamp_min(0)  # [B, H, L, 1]
+    num_ntk = phi @ _repeat_kv(z.to(dt), H)  # [B, H, L, D_v]; z per query head or per KV head
+    den_ntk = (phi @ _repeat_kv(kvec.to(dt).unsqueeze(-1), H)).clamp_min(0)  # [B, H, L, 1]
     # Subtract the row maximum of the scores and of log(den_ntk) so nothing overflows.
     m = torch.maximum(s.amax(-1, keepdim=True), den_ntk.log())
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

@@ -62,6 +62,9 @@ class NTKConfig(AdapterConfig):
         ``W`` trains from the first step on the gradient a free ``Z`` would get, as if its gate
         ``k_f`` were open (at ``k_f = 0`` the true gradient is 0). Files written before this field
         existed load as "free".
+    per_kv_head: one ``(Z, k)`` per key/value head, shared by its group of query heads, as a real
+        prefix is under grouped-query attention (and as a closed-form conversion needs); fewer
+        parameters by the group size (3 on SmolLM2-135M). Default False: one per query head (the paper).
     feature_dropout: dropout on ``phi(q)`` during training (off in eval).
     """
 
@@ -77,6 +80,7 @@ class NTKConfig(AdapterConfig):
     k_parametrization: str = "nonneg"
     k_init: float = 0.018 / 32
     z_parametrization: str = "tied"
+    per_kv_head: bool = False
     feature_dropout: float = 0.0
 
     # adapter_config.json files written before z_parametrization existed trained a free Z.
@@ -99,6 +103,8 @@ class NTKConfig(AdapterConfig):
             raise ValueError(f"NTKConfig.k_init must be > 0 with k_parametrization='softplus', got {self.k_init!r}")
         if self.k_init < 0:
             raise ValueError(f"NTKConfig.k_init must be >= 0 (the denominator must stay positive), got {self.k_init!r}")
+        if not isinstance(self.per_kv_head, bool):
+            raise TypeError(f"NTKConfig.per_kv_head must be True or False, got {self.per_kv_head!r}")
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"NTKConfig.feature_dropout must be in [0, 1), got {self.feature_dropout!r}")
 

@@ -76,7 +76,9 @@ class NTKLayer(AdapterLayer):
         self.m = float(config.virtual_prefix_length)
         self.k_parametrization = config.k_parametrization
         self.tied = config.z_parametrization == "tied"
-        H, r, d_v = geometry.heads, self.feature_map.feature_dim(geometry.head_dim), geometry.v_head_dim
+        # One state per query head, or per key/value head (the operator shares it over the group).
+        H = geometry.kv_heads if config.per_kv_head else geometry.heads
+        r, d_v = self.feature_map.feature_dim(geometry.head_dim), geometry.v_head_dim
         # z is Z ("free") or the values W of Z = diag(k) W ("tied"), stored / m; 0 either way.
         if config.rank is None:
             self.z = nn.Parameter(torch.zeros(H, r, d_v))
@@ -91,7 +93,8 @@ class NTKLayer(AdapterLayer):
         self.k = nn.Parameter(torch.full((H, r), float(theta)))
 
     def ntk_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Z [H, r, d_v], k [H, r])`` as the operator takes them (already times m)."""
+        """``(Z [H, r, d_v], k [H, r])`` as the operator takes them (already times m); H counts the
+        key/value heads with ``per_kv_head``."""
         if hasattr(self, "z"):
             z = self.z
         else:
@@ -108,7 +111,8 @@ class NTKLayer(AdapterLayer):
         return (_Gated.apply(k, self.m * z) if self.tied else self.m * z), k
 
     def set_ntk_state(self, z: torch.Tensor, kvec: torch.Tensor) -> None:
-        """Store ``(Z [H, r, d_v], k [H, r])`` as the operator takes them: the inverse of ``ntk_state`` (full Z only)."""
+        """Store ``(Z [H, r, d_v], k [H, r])`` as the operator takes them: the inverse of ``ntk_state`` (full Z only;
+        H as there)."""
         if not hasattr(self, "z"):
             raise ValueError("set_ntk_state needs a full Z: the adapter has rank set")
         if z.shape != self.z.shape or kvec.shape != self.k.shape:
