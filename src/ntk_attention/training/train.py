@@ -25,7 +25,7 @@ from . import models as M
 from .fit import FitSettings, make_trainer, peak_rss_mb, score
 
 # NTKConfig scales the NTK state by virtual_prefix_length (default 32), so LoRA-like rates suit it
-# (benchmarks/results/ntk_scale_sst2.json); the head learns too slowly at 1e-3 on small budgets.
+# (benchmarks/results/sst2-minilm-scale.md); the head learns too slowly at 1e-3 on small budgets.
 DEFAULT_LR = {"ntk": 1e-3, "prefix": 3e-2, "lora": 1e-3, "full": 5e-5, "head": 1e-2}
 DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512}
 

@@ -25,9 +25,9 @@ class NTKConfig(AdapterConfig):
         m, which is what a real prefix of m tokens gives (``Z = sum_j phi(kP_j) vP_j^T``). With Adam
         this sets how fast the prefix can grow against the input's own ``sum e^s``: at m = 1 (the
         paper) the adapter barely moves at learning rates used for LoRA. Too large a product
-        ``lr * m`` (about 0.2 and up with Adam) lets the prefix drown the input in the first steps
-        and training collapses. The default 32 learns at lr 1e-3 and 3e-3
-        (``benchmarks/results/ntk_scale_sst2.md``); scale m down as the learning rate goes up.
+        ``lr * m`` (about 1 and up with Adam; 0.2 with a free ``Z``) lets the prefix drown the input in
+        the first steps and training collapses. The default 32 learns from lr 1e-3 to 1e-2
+        (``benchmarks/results/sst2-minilm-scale.md``); scale m down as the learning rate goes up.
     feature_map, num_features, degree, feature_seed: ``phi``: "elu" (r = d), "random"
         (``num_features`` positive random features drawn from ``feature_seed``), "taylor"
         (``degree`` 1 or 2).
