@@ -98,7 +98,9 @@ def ntk_attention(
     with torch.autocast(q.device.type, enabled=False):
         phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
         state = torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)
-        ntk_stats = phi @ state.repeat_interleave(H // state.shape[0], dim=0)  # [N | c]; a KV head's state serves its group
+        if state.shape[0] != H:  # one state per KV head serves each query head of its group
+            state = state.repeat_interleave(H // state.shape[0], dim=0)
+        ntk_stats = phi @ state  # [N | c]
     mask = _additive_mask(attn_mask, q.dtype)
     folded = _fold_groups(q, k, v, ntk_stats, mask, causal)
     if folded is not None:
