@@ -81,6 +81,8 @@ def test_variant_and_grid_specs():
     variants = [parse_variant("lora"), parse_variant("p64=prefix:num_virtual_tokens=64")]
     assert (variants[1].label, variants[1].method, variants[1].config) == ("p64", "prefix", ["num_virtual_tokens=64"])
     assert parse_grid(["prefix=1e-2,3e-2"], variants)["p64"] == [1e-2, 3e-2]
+    with pytest.raises(ValueError, match=r"needs a label first.*full=full:seeds=1"):
+        parse_variant("full:seeds=1")
     with pytest.raises(ValueError, match="unknown method"):
         parse_variant("x=adapter")
     with pytest.raises(ValueError, match="naming one of"):

@@ -64,6 +64,9 @@ def parse_variant(spec: str) -> Variant:
     label, sep, rest = spec.partition("=")
     if not sep:
         label, rest = spec, spec
+    elif ":" in label:
+        raise ValueError(f"--variants {spec!r}: a spec with keys needs a label first, LABEL=METHOD:KEY=VALUE "
+                         f"(e.g. {label.split(':')[0]}={spec})")
     method, *items = rest.split(":")
     if method not in METHODS + (BASE,):
         raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {METHODS + (BASE,)}")
