@@ -64,8 +64,9 @@ class NTKConfig(AdapterConfig):
         existed load as "free".
     per_kv_head: one ``(Z, k)`` per key/value head, shared by its group of query heads, as a real
         prefix is under grouped-query attention (and as a closed-form conversion needs); fewer
-        parameters by the group size (3 on SmolLM2-135M, where it also trained better on GSM8K:
-        ``benchmarks/results/gsm8k-smollm2.md``). Default False: one per query head (the paper).
+        parameters by the group size (3 on SmolLM2-135M, where it trained more steadily over seeds
+        on GSM8K but not better on average: ``benchmarks/results/gsm8k-smollm2.md``). Default False:
+        one per query head (the paper).
     feature_dropout: dropout on ``phi(q)`` during training (off in eval).
     """
 
