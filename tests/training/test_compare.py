@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from ntk_attention import cli
-from ntk_attention.training.compare import check_run, check_starts, parse_grid, parse_variant, run_once
+from ntk_attention.training.compare import check_run, check_starts, parse_grid, parse_variant
 
 
 def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_bert, sst_files):
@@ -99,24 +99,15 @@ def test_variant_and_grid_specs():
         check_starts([started, variants[1]])
 
 
-def test_a_cached_result_naming_another_folders_adapter_is_refused(tmp_path):
-    """A run folder moved under another label keeps a result.json pointing at the old adapter."""
-    for label in ("ntk", "ntk-free"):
-        (tmp_path / label / "seed0").mkdir(parents=True)
-    result = {"adapter": str(tmp_path / "ntk" / "seed0" / "adapter")}
-    (tmp_path / "ntk-free" / "seed0" / "result.json").write_text(json.dumps(result))
-    (tmp_path / "ntk" / "seed0" / "result.json").write_text(json.dumps(result))
-    assert run_once(["never", "run", "it", "train"], str(tmp_path / "ntk" / "seed0")) == result
-    with pytest.raises(ValueError, match="outside its run folder"):
-        run_once(["never", "run", "it", "train"], str(tmp_path / "ntk-free" / "seed0"))
-
-
 def test_a_cached_result_of_another_grid_config_or_seed_is_refused():
     """Rerunning compare with a changed --lr-grid or variant must not reuse the old numbers silently."""
     variant = parse_variant("ntk-m4=ntk:virtual_prefix_length=4")
-    result = {"method": "ntk", "config": {"virtual_prefix_length": 4}, "seed": 0,
+    result = {"method": "ntk", "config": {"virtual_prefix_length": 4}, "seed": 0, "adapter": "run/adapter",
               "grid": [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}]}
     assert check_run(result, variant, 0, [3e-3, 1e-3], "run") is result
+    # a run folder moved under another label keeps a result.json naming the old adapter
+    with pytest.raises(ValueError, match="adapter folder"):
+        check_run(result, variant, 0, [1e-3, 3e-3], "moved")
     for variant_spec, seed, rates, named in [("ntk-m4=ntk:virtual_prefix_length=4", 0, [1e-3], "learning rates"),
                                              ("ntk-m4=ntk:virtual_prefix_length=8", 0, [1e-3, 3e-3], "config"),
                                              ("ntk-m4=ntk:virtual_prefix_length=4", 1, [1e-3, 3e-3], "seed"),

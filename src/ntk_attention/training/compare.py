@@ -171,12 +171,7 @@ def run_once(command: list[str], folder: str) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"{command[3]} failed (exit {done.returncode}); see {os.path.join(folder, 'log.txt')}")
     with open(result_file) as handle:
-        result = json.load(handle)
-    adapter = result.get("adapter")
-    if adapter and os.path.commonpath([os.path.realpath(adapter), os.path.realpath(folder)]) != os.path.realpath(folder):
-        raise ValueError(f"{result_file} names the adapter {adapter}, outside its run folder: a moved or copied run? "
-                         "Rerun it (delete the folder) or fix the path")
-    return result
+        return json.load(handle)
 
 
 def score_base(args, variant: Variant) -> dict:
@@ -210,11 +205,15 @@ def run_variant(args, variant: Variant, rates: list[float], started: dict) -> di
 
 
 def check_run(result: dict, variant: Variant, seed: int, rates: list[float], folder: str) -> dict:
-    """A cached result must be the run asked for: same method, config, seed and learning rates."""
+    """A cached result must be the run asked for: same method, config, seed and learning rates, and its
+    adapter inside its own folder (a run moved under another label still names the old one)."""
+    folder = os.path.realpath(folder)
+    adapter = os.path.realpath(result.get("adapter") or folder)
     asked = {"method": variant.method, "config": parse_options(variant.config), "seed": seed,
-             "learning rates": sorted(rates)}
+             "learning rates": sorted(rates), "adapter folder": folder}
     found = {"method": result.get("method"), "config": result.get("config"), "seed": result.get("seed"),
-             "learning rates": sorted(run["learning_rate"] for run in result.get("grid", []))}
+             "learning rates": sorted(run["learning_rate"] for run in result.get("grid", [])),
+             "adapter folder": folder if os.path.commonpath([adapter, folder]) == folder else adapter}
     differ = [f"{key} {found[key]!r} (asked: {asked[key]!r})" for key in asked if found[key] != asked[key]]
     if differ:
         raise ValueError(f"{os.path.join(folder, 'result.json')} is another run: " + ", ".join(differ)
