@@ -14,7 +14,9 @@ adapter folder (written by ``ntk-attn train``) on the evaluation file, split int
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -62,7 +64,8 @@ def main() -> None:
     column = D.text_column(table, D.Columns(), args.data)
     texts, labels = list(table[column]), [int(label) for label in table["label"]]
     lengths = None
-    rows, record = [], {"data": args.data, "adapters": folders, "methods": {}}
+    command = shlex.join(["python", *sys.argv])
+    rows, record = [], {"command": command, "data": args.data, "adapters": folders, "methods": {}}
     for label, folder in folders.items():
         model, tokenizer, run = M.load_trained(folder)
         if lengths is None:
@@ -84,7 +87,7 @@ def main() -> None:
     names = [f"tokens <= {edge} (n={len(group)})" for edge, group in zip(edges, groups)]
     for label, result in record["methods"].items():
         rows.append([label, f"{result['accuracy']:.3f}", *[f"{a:.3f}" for a in result["accuracy_per_bucket"]]])
-    note = (f"Dev accuracy by token length (median {record['eval_length_median']} tokens"
+    note = (f"Command: `{command}`\n\nDev accuracy by token length (median {record['eval_length_median']} tokens"
             + (f"; training rows: median {record['train_length_median']}" if args.train_data else "") + ").\n\n")
     out = Path(args.out)
     save_json(out / f"{args.name}.json", record)
