@@ -71,8 +71,8 @@ def test_causal_lm_comparison_scores_the_untuned_base(tmp_path, tiny_llama, math
     assert cli.main(argv) == 0
     methods = json.loads((out / "math.json").read_text())["methods"]
     base, ntk = methods["base"], methods["ntk"]
-    assert base["trainable_params"] == 0 and base["generated"] == 4 and 0 <= base["exact_match"] <= 1
-    assert base["dev_loss"] > 0 and ntk["dev_loss"] > 0 and "exact_match" in ntk
+    assert base["trainable_params"] == 0 and base["generated"] == 4 and 0 <= base["dev_exact_match"] <= 1
+    assert base["dev_loss"] > 0 and ntk["dev_loss"] > 0 and "dev_exact_match" in ntk
     assert ntk["dev_loss_before"] == pytest.approx(base["dev_loss"], rel=1e-5)  # k_init=0: the exact start is the base
     assert "| base | 0 (0) | - | untuned |" in (out / "math.md").read_text()
 

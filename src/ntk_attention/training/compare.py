@@ -11,6 +11,11 @@ The variant ``base`` (causal LM only) scores the untuned model once with ``ntk-a
 the baseline row. A variant ``ntk-from-p16=ntk:init_from=p16`` starts each seed's NTK run from the closed-form
 conversion of the same seed's adapter of the prefix variant ``p16`` (listed earlier).
 
+With ``--suite FILE`` the task, data, model, budget, variants, grids and seeds come from a suite file
+(``benchmarks/suites/*.toml``, read by ``suite.py``); only where the runs go, how many run at a time,
+``--seeds`` and ``--only LABEL ...`` may be set beside it. ``<out-dir>/suite.json`` then sums up
+every suite result in ``<out-dir>``.
+
 Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``;
 the adapter of the best NTK variant (first seed, by validation score) is copied to
 ``<out-dir>/<name>/ntk/``.
@@ -40,9 +45,16 @@ DEFAULT_GRID = {BASE: [], "head": [3e-3, 1e-2, 3e-2], "ntk": [3e-4, 1e-3, 3e-3],
                 "lora": [3e-4, 1e-3, 3e-3], "full": [2e-5, 5e-5, 1e-4]}
 DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
                     "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
-TRAIN_OPTIONS = ("data", "eval_data", "model", "gguf_file", "train_size", "validation", "epochs", "batch_size",
-                 "head_lr", "text_column", "label_column", "prompt_field", "answer_field", "max_length",
-                 "eval_size", "max_new_tokens", "generate_size", "generate_batch_size", "threads")
+TRAIN_OPTIONS = ("data", "eval_data", "task", "metric", "model", "gguf_file", "train_size", "validation", "epochs",
+                 "batch_size", "head_lr", "text_column", "text_pair_column", "label_column", "prompt_field",
+                 "answer_field", "max_length", "eval_size", "max_new_tokens", "generate_size", "generate_batch_size",
+                 "threads")
+# what a suite file fixes; with --suite these options are refused on the command line
+SUITE_OPTIONS = ("name", "variants", "lr_grid", "data", "eval_data", "task", "metric", "model", "gguf_file",
+                 "train_size", "validation", "epochs", "batch_size", "head_lr", "text_column", "text_pair_column",
+                 "max_length", "eval_size", "max_new_tokens", "generate_size", "generate_batch_size",
+                 "ntk_adapter_max_params")
+SCORE_NAMES = ("accuracy", "mcc", "perplexity", "exact_match", "loss")
 
 
 @dataclass
@@ -112,12 +124,19 @@ def parse_grid(specs: list[str], variants: list[Variant]) -> dict[str, list[floa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", default="sst2-minilm", help="result name: <out-dir>/<name>.json, .md, -*.png")
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="SPEC",
-                        help="METHOD or LABEL=METHOD:KEY=VALUE:... (default: %(default)s)")
+    parser.add_argument("--suite", default=None, metavar="FILE.toml",
+                        help="a suite file (benchmarks/suites/): task, data, model, budget, variants, grids, seeds")
+    parser.add_argument("--data-root", default=None,
+                        help="with --suite: folder the suite's data paths are relative to "
+                             "(default: $NTK_ATTN_DATA, else ../shared/data)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                        help="with --suite: run only these variants of the suite")
+    parser.add_argument("--name", default=None, help="result name: <out-dir>/<name>.json, .md, -*.png (default sst2-minilm)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="SPEC",
+                        help="METHOD or LABEL=METHOD:KEY=VALUE:... (default: " + " ".join(DEFAULT_VARIANTS) + ")")
     parser.add_argument("--lr-grid", nargs="+", default=[], metavar="VARIANT=LR,LR",
                         help="learning rates per variant or method (defaults: " + "; ".join(f"{k} {','.join(f'{x:g}' for x in v)}" for k, v in DEFAULT_GRID.items()) + ")")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the suite's, else 0 1 2")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
     parser.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--work-dir", default=os.path.join("runs", "compare"), help="checkpoints and per-run results")
@@ -127,6 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--machine-note", default="", help="recorded with the results, e.g. 'shared 2-core CPU'")
     parser.add_argument("--data", default=None)
     parser.add_argument("--eval-data", default=None)
+    parser.add_argument("--task", default=None, choices=("classification", "causal-lm", "language-modeling"))
+    parser.add_argument("--metric", default=None, choices=("accuracy", "mcc", "loss"),
+                        help="what picks each run's learning rate and epoch on its validation slice (train's --metric)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--gguf-file", default=None)
     parser.add_argument("--train-size", type=int, default=None)
@@ -136,6 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-lr", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None)
     add_data_arguments(parser)
+    # None = not given: train then applies its own defaults, and --suite can tell what was set beside it
+    parser.set_defaults(max_new_tokens=None, generate_batch_size=None)
 
 
 def run_folder(args, label: str, seed: int) -> str:
@@ -181,12 +205,13 @@ def score_base(args, variant: Variant) -> dict:
     folder = os.path.join(args.work_dir, args.name, variant.label)
     command = [sys.executable, "-m", "ntk_attention.cli", "eval", "--model", args.model, "--data", args.eval_data,
                "--result-json", os.path.join(folder, "result.json")]
-    command += forwarded_options(args, ("gguf_file", "batch_size", "prompt_field", "answer_field", "max_length",
+    command += forwarded_options(args, ("task", "gguf_file", "batch_size", "text_column", "prompt_field", "answer_field", "max_length",
                                         "eval_size", "max_new_tokens", "generate_size", "generate_batch_size"))
     result = run_once(command, folder)
-    return {"method": BASE, "config": {}, "init_from": None, "learning_rate": None, "dev_loss": result["loss"],
-            "dev_loss_std": 0.0, "dev_loss_per_seed": [result["loss"]], "seeds": [], "validation_grid": {},
-            "exact_match": result["exact_match"], "exact_match_std": 0.0, "generated": result["generated"],
+    scores = {f"dev_{name}{suffix}": value for name in SCORE_NAMES if name in result
+              for suffix, value in (("", result[name]), ("_std", 0.0), ("_per_seed", [result[name]]))}
+    return {"method": BASE, "config": {}, "init_from": None, "learning_rate": None, **scores, "seeds": [],
+            "validation_grid": {}, "generated": result.get("generated"),
             "trainable_params": 0, "trainable_params_excl_head": 0, "train_seconds": 0.0,
             "peak_rss_mb": result["peak_rss_mb"], "device": result["device"], "adapter": None}
 
@@ -221,30 +246,35 @@ def check_run(result: dict, variant: Variant, seed: int, rates: list[float], fol
     return result
 
 
+def selection_metric(result: dict) -> str:
+    """What chose the run's learning rate (train records it; older results: accuracy or loss by task)."""
+    return result.get("metric") or ("accuracy" if result["task"] == "classification" else "loss")
+
+
 def summarize(variant: Variant, results: list[dict]) -> dict:
     first = results[0]
     split = "eval" if "eval" in first["after"] else "validation"
-    metric = "accuracy" if first["task"] == "classification" else "loss"
-    scores = [result["after"][split][metric] for result in results]
-    summary = {
-        "method": variant.method, "config": parse_options(variant.config), "init_from": variant.init_from,
-        "learning_rate": first["learning_rate"],
-        f"dev_{metric}": statistics.mean(scores),
-        f"dev_{metric}_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-        f"dev_{metric}_per_seed": scores, "seeds": [r["seed"] for r in results],
-        f"dev_{metric}_before": first["before"].get(split, {}).get(metric),
-        "validation_grid": {f"{run['learning_rate']:g}": run["validation"].get(metric) for run in first["grid"]},
+    selection = selection_metric(first)
+    summary = {"method": variant.method, "config": parse_options(variant.config), "init_from": variant.init_from,
+               "learning_rate": first["learning_rate"], "selection_metric": selection}
+    for name in SCORE_NAMES:  # dev_<score>, its std (n-1) and per-seed values, for every score the runs report
+        if all(name in r["after"][split] for r in results):
+            values = [r["after"][split][name] for r in results]
+            summary[f"dev_{name}"] = statistics.mean(values)
+            summary[f"dev_{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[f"dev_{name}_per_seed"] = values
+            summary[f"dev_{name}_before"] = first["before"].get(split, {}).get(name)
+    summary.update({
+        "seeds": [r["seed"] for r in results],
+        "validation_grid": {f"{run['learning_rate']:g}": run["validation"].get(selection) for run in first["grid"]},
         "best_epoch_per_seed": [r["best_epoch"] for r in results],
         "trainable_params": first["trainable_params"], "trainable_params_excl_head": first["trainable_params_excl_head"],
         "train_seconds": statistics.mean(r["train_seconds"] for r in results),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
         "device": first["device"], "adapter": first["adapter"],
-    }
-    if "exact_match" in first["after"].get("eval", {}):
-        matches = [r["after"]["eval"]["exact_match"] for r in results]
+    })
+    if "generated" in first["after"].get("eval", {}):
         summary["generated"] = first["after"]["eval"]["generated"]
-        summary["exact_match"] = statistics.mean(matches)
-        summary["exact_match_std"] = statistics.stdev(matches) if len(matches) > 1 else 0.0
     return summary
 
 
@@ -271,7 +301,53 @@ def machine() -> dict:
     return info
 
 
+def apply_suite(args) -> dict | None:
+    """Fill ``args`` from ``--suite`` (refusing what the suite fixes) and write its data; the suite's record."""
+    if args.suite is None:
+        for name in ("data_root", "only"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} needs --suite")
+        args.name = args.name or "sst2-minilm"
+        args.variants = args.variants or DEFAULT_VARIANTS
+        args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+        return None
+    from . import suite as S
+
+    given = [name for name in SUITE_OPTIONS if getattr(args, name, None) not in (None, [])]
+    if given:
+        raise ValueError(f"--suite {args.suite}: the suite file sets {', '.join('--' + n.replace('_', '-') for n in given)}; "
+                         "edit the suite (or copy it) instead")
+    suite = S.load_suite(args.suite)
+    labels = {parse_variant(spec).label: spec for spec in suite.variants}
+    unknown = sorted(set(args.only or []) - set(labels))
+    if unknown:
+        raise ValueError(f"--only {unknown}: not variants of {args.suite} (it has {sorted(labels)})")
+    args.name, args.task = suite.name, suite.task
+    args.metric = "mcc" if suite.metric == "mcc" else None  # else train's default: accuracy, or the loss
+    chosen = [labels[label] for label in args.only] if args.only else suite.variants
+    # the main rows run every seed; the other points of the curves the first seed only (unless they say)
+    args.variants = [spec if parse_variant(spec).label in suite.main_variants or parse_variant(spec).seeds
+                     or parse_variant(spec).method == BASE or not suite.main_variants
+                     else f"{spec}:seeds=1" if "=" in spec else f"{spec}={spec}:seeds=1" for spec in chosen]
+    args.lr_grid = [f"{key}={','.join(f'{x:g}' for x in rates)}" for key, rates in suite.lr_grid.items()
+                    if key in {parse_variant(spec).method for spec in args.variants} | {parse_variant(spec).label for spec in args.variants}]
+    args.seeds = args.seeds if args.seeds is not None else suite.seeds
+    args.model, args.gguf_file = S.resolve_model(suite.model), suite.gguf_file
+    args.ntk_adapter_max_params = suite.ntk_adapter_max_params
+    for key, value in suite.budget.items():
+        setattr(args, key, value)
+    data_folder = os.path.join(args.work_dir, suite.name, "data")
+    args.data, args.eval_data = S.prepare_data(suite, args.data_root or S.default_data_root(), data_folder)
+    args.text_column = "text" if suite.task != "causal-lm" else None
+    args.text_pair_column = "text_pair" if "text_pair" in suite.data else None
+    return {"file": args.suite, "name": suite.name, "description": suite.description, "task": suite.task,
+            "metric": suite.metric, "higher_is_better": suite.higher_is_better, "model": suite.model,
+            "main_variants": suite.main_variants, "data": suite.data,
+            "data_sha256": S.data_fingerprint([args.data, args.eval_data])}
+
+
 def run(args) -> int:
+    suite = apply_suite(args)
     variants = [parse_variant(spec) for spec in args.variants]
     if len({v.label for v in variants}) != len(variants):
         raise ValueError(f"--variants: labels must be unique, got {[v.label for v in variants]}")
@@ -285,16 +361,31 @@ def run(args) -> int:
               "seeds": args.seeds, "lr_grid": grid,
               "selection": "learning rate and best epoch on a validation slice of the training data (first seed); "
                            "dev mean/std over seeds at that rate; std is the sample std (n-1)"}
+    if suite:
+        record["suite"] = suite
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {}
         for v in variants:
             futures[v.label] = pool.submit(run_variant, args, v, grid[v.label], futures)
         record["methods"] = {label: future.result() for label, future in futures.items()}
+    record["metric"], record["higher_is_better"] = reported_metric(record)
     record["wall_seconds"] = time.perf_counter() - start
     record["machine"]["load_average_at_end"] = os.getloadavg()
     write_results(args.out_dir, args.name, record, variants, args.ntk_adapter_max_params)
+    if suite:
+        from .suite import write_summary
+
+        write_summary(args.out_dir)
     return 0
+
+
+def reported_metric(record: dict) -> tuple[str, bool]:
+    """The suite's metric; without a suite accuracy for classification, else the loss."""
+    if "suite" in record:
+        return record["suite"]["metric"], record["suite"]["higher_is_better"]
+    methods = record["methods"].values()
+    return ("accuracy", True) if any("dev_accuracy" in m for m in methods) else ("loss", False)
 
 
 def write_results(out_dir: str, name: str, record: dict, variants: list[Variant], max_params: int | None = None) -> None:
@@ -315,17 +406,19 @@ def write_results(out_dir: str, name: str, record: dict, variants: list[Variant]
 
 
 def validation_score(summary: dict) -> float:
-    """The chosen rate's validation score (higher is better: accuracy, or minus the loss)."""
+    """The chosen rate's validation score, higher is better (accuracy or MCC, or minus the loss)."""
     value = summary["validation_grid"][f"{summary['learning_rate']:g}"]
-    return value if "dev_accuracy" in summary else -value
+    return -value if summary.get("selection_metric", "accuracy" if "dev_accuracy" in summary else "loss") == "loss" else value
 
 
 def markdown_table(record: dict) -> str:
     methods = record["methods"]
-    metric = "accuracy" if any("dev_accuracy" in m for m in methods.values()) else "loss"
-    extra = any("exact_match" in m for m in methods.values())
+    metric, higher = record.get("metric"), record.get("higher_is_better")
+    if metric is None:
+        metric, higher = reported_metric(record)
+    extra = [name for name in SCORE_NAMES if name != metric and any(f"dev_{name}" in m for m in methods.values())]
     header = (f"| variant | trainable (excl. head) | lr (chosen on validation) | validation grid | dev {metric} "
-              f"(mean ± std over seeds) | seeds |" + (" exact match |" if extra else "")
+              f"(mean ± std over seeds) | seeds |" + "".join(f" dev {name} |" for name in extra)
               + " train s | peak RSS MB |")
     lines = [f"Command: `{record['command']}`", "", header, "|" + "---|" * (header.count("|") - 1)]
     for label, m in methods.items():
@@ -333,36 +426,50 @@ def markdown_table(record: dict) -> str:
         rate = "-" if m["learning_rate"] is None else f"{m['learning_rate']:g}"
         row = (f"| {label} | {m['trainable_params']:,} ({m['trainable_params_excl_head']:,}) | {rate} | "
                f"{grid} | {m[f'dev_{metric}']:.4f} ± {m[f'dev_{metric}_std']:.4f} | {len(m['seeds']) or '-'} |")
-        if extra:
-            row += f" {m.get('exact_match', float('nan')):.4f} |"
+        row += "".join(f" {m[f'dev_{name}']:.4f} |" if f"dev_{name}" in m else " - |" for name in extra)
         lines.append(row + f" {m['train_seconds']:.0f} | {m['peak_rss_mb']:.0f} |")
     note = record["machine"].get("note") or record["machine"].get("gpu") or record["machine"]["processor"]
-    lines += ["", f"Machine: {note}; {record['machine']['cpu_count']} CPUs; torch {record['machine']['torch']}."]
+    lines += ["", f"dev {metric}: {'higher' if higher else 'lower'} is better. "
+              f"Machine: {note}; {record['machine']['cpu_count']} CPUs; torch {record['machine']['torch']}."]
     return "\n".join(lines) + "\n"
 
 
 def plot(record: dict, prefix: str) -> None:
+    """``<prefix>-params.png``: the reported metric against trainable parameters besides the head (log x),
+    one colour and line per method; variants with none (head only, untuned) as horizontal lines.
+    ``<prefix>-time.png``: the same against train seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = record["methods"]
-    metric = "accuracy" if any("dev_accuracy" in m for m in methods.values()) else "loss"
-    for key, xlabel, suffix, log in (("trainable_params", "trainable parameters (incl. head)", "params", True),
+    metric = record.get("metric") or reported_metric(record)[0]
+    colours = {"ntk": "tab:red", "lora": "tab:blue", "prefix": "tab:green", "full": "black", "head": "tab:gray",
+               BASE: "tab:gray"}
+    for key, xlabel, suffix, log in (("trainable_params_excl_head", "trainable parameters besides the head", "params", True),
                                      ("train_seconds", "train time per run (s)", "time", False)):
-        figure, axes = plt.subplots(figsize=(6, 4))
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        by_method: dict[str, list] = {}
         for label, m in methods.items():
-            if m["method"] == BASE:
-                axes.axhline(m[f"dev_{metric}"], color="gray", linestyle="--", label=f"{label} (untuned)")
+            y, err = m[f"dev_{metric}"], m[f"dev_{metric}_std"]
+            if key == "trainable_params_excl_head" and m[key] == 0:
+                axes.axhline(y, color=colours.get(m["method"], "gray"), linestyle="--", linewidth=1,
+                             label=f"{label} ({'untuned' if m['method'] == BASE else 'no adapter'})")
                 continue
-            axes.errorbar(m[key], m[f"dev_{metric}"], yerr=m[f"dev_{metric}_std"], fmt="o", capsize=3, label=label)
-            axes.annotate(label, (m[key], m[f"dev_{metric}"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            colour = colours.get(m["method"], "tab:purple")
+            axes.errorbar(m[key], y, yerr=err, fmt="o", capsize=3, color=colour)
+            axes.annotate(label, (m[key], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            by_method.setdefault(m["method"], []).append((m[key], y))
+        for method, points in by_method.items():
+            points.sort()
+            axes.plot(*zip(*points), color=colours.get(method, "tab:purple"), alpha=0.4, label=method)
         if log:
             axes.set_xscale("log")
         axes.set_xlabel(xlabel)
         axes.set_ylabel(f"dev {metric}")
-        axes.set_title(f"{record['name']}: dev {metric} vs {xlabel.split(' (')[0]}")
+        axes.set_title(f"{record['name']}: dev {metric} vs {xlabel}", fontsize=10)
         axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
         save_figure(f"{prefix}-{suffix}.png", figure)
         plt.close(figure)

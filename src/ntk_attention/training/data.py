@@ -1,9 +1,12 @@
 """Data for training and evaluation: load a table, check it, carve a validation slice, tokenize.
 
-Two tasks:
-- ``classification``: a text column and an integer label column (0 .. num_labels-1).
+Three tasks:
+- ``classification``: a text column (and optionally a second text column for sentence pairs) and an
+  integer label column (0 .. num_labels-1).
 - ``causal-lm``: a prompt field and an answer field; the loss is on the answer tokens only and the
   prompt goes through the tokenizer's chat template when it has one.
+- ``language-modeling``: a text column; the texts are joined (each ended by EOS) and cut into blocks
+  of ``max_length`` tokens, the loss is on every token, and perplexity is ``exp`` of the mean loss.
 
 A data source is a local ``.tsv`` / ``.csv`` / ``.jsonl`` / ``.json`` file, or, for users with the
 Hugging Face hub, ``NAME:SPLIT`` or ``NAME:CONFIG:SPLIT`` (e.g. ``nyu-mll/glue:sst2:train``).
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import datasets
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "language-modeling")
 FILE_BUILDERS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 
@@ -34,6 +37,7 @@ class Columns:
     """Which columns hold the inputs. ``text=None`` means: the only column besides the label."""
 
     text: str | None = None
+    text_pair: str | None = None  # the second sentence of a pair (RTE's hypothesis, BoolQ's passage)
     label: str = "label"
     prompt: str = "question"
     answer: str = "answer"
@@ -110,11 +114,13 @@ def infer_task(table: datasets.Dataset, columns: Columns) -> str:
 def text_column(table: datasets.Dataset, columns: Columns, source: str) -> str:
     """The text column: the one named, or else the only column besides the label."""
     names = table.column_names
+    if columns.text_pair is not None and columns.text_pair not in names:
+        raise ValueError(f"data {source!r} has no text-pair column {columns.text_pair!r} (columns: {names})")
     if columns.text is not None:
         if columns.text not in names:
             raise ValueError(f"data {source!r} has no text column {columns.text!r} (columns: {names})")
         return columns.text
-    others = [name for name in names if name != columns.label]
+    others = [name for name in names if name not in (columns.label, columns.text_pair)]
     if len(others) != 1:
         raise ValueError(f"data {source!r}: cannot tell the text column among {others}; name it with --text-column")
     return others[0]
@@ -170,8 +176,19 @@ def check_table(table: datasets.Dataset, task: str, columns: Columns, source: st
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if task == "classification":
         return check_classification(table, columns, source, num_labels)
+    if task == "language-modeling":
+        check_texts(table, columns, source)
+        return None
     check_causal(table, columns, source)
     return None
+
+
+def check_texts(table: datasets.Dataset, columns: Columns, source: str) -> None:
+    """Language modelling: the text column exists and holds text."""
+    name = text_column(table, columns, source)
+    bad = next((i for i, value in enumerate(table[name]) if not isinstance(value, str)), None)
+    if bad is not None:
+        raise ValueError(f"data {source!r}, row {bad + 1}: column {name!r} is not text")
 
 
 def first_rows(table: datasets.Dataset, count: int | None) -> datasets.Dataset:
@@ -197,9 +214,11 @@ def split_validation(table: datasets.Dataset, validation: float, train_size: int
     return shuffled.select(range(count, end)), validation_rows
 
 
-def encode_classification(table: datasets.Dataset, tokenizer, text: str, label: str, max_length: int):
+def encode_classification(table: datasets.Dataset, tokenizer, text: str, label: str, max_length: int,
+                          text_pair: str | None = None):
     def encode(batch):
-        encoded = tokenizer(batch[text], truncation=True, max_length=max_length)
+        pair = batch[text_pair] if text_pair else None
+        encoded = tokenizer(batch[text], pair, truncation=True, max_length=max_length)
         encoded["labels"] = [int(value) for value in batch[label]]
         return encoded
 
@@ -226,3 +245,16 @@ def encode_causal(table: datasets.Dataset, tokenizer, prompt: str, answer: str, 
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
     return table.map(encode, remove_columns=table.column_names, desc="tokenize")
+
+
+def encode_blocks(table: datasets.Dataset, tokenizer, text: str, block_size: int):
+    """Language modelling: every text plus EOS, joined and cut into blocks of ``block_size`` tokens (the
+    last partial block is dropped, so every block weighs the same in the mean loss)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = [token for value in table[text] for token in tokenizer(value, add_special_tokens=False)["input_ids"] + eos]
+    count = len(ids) // block_size
+    if count == 0:
+        raise ValueError(f"language modelling: {len(ids)} tokens make no block of {block_size} (lower --max-length)")
+    blocks = [ids[i * block_size:(i + 1) * block_size] for i in range(count)]
+    return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * count,
+                                       "labels": blocks})

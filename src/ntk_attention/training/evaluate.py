@@ -24,7 +24,7 @@ from ..io import write_json, write_jsonl
 from . import data as D
 from . import models as M
 from .fit import FitSettings, make_trainer, peak_rss_mb, score
-from .train import add_data_arguments, encode
+from .train import DEFAULT_MAX_LENGTH, add_data_arguments, encode
 
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--adapter", help="folder written by ntk-attn train (<output-dir>/adapter)")
     source.add_argument("--model", help="an untuned causal LM (hub name or local folder) to score as a baseline")
     parser.add_argument("--gguf-file", default=None, help="with --model: GGUF file inside the model folder")
+    parser.add_argument("--task", choices=("causal-lm", "language-modeling"), default="causal-lm",
+                        help="with --model: what to score (language-modeling: perplexity over blocks of --max-length)")
     parser.add_argument("--data", required=True, help=".tsv/.csv/.jsonl/.json file or hub NAME[:CONFIG]:SPLIT")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--result-json", default=None, help="also write the JSON object to this file")
@@ -86,7 +88,8 @@ def evaluate(args) -> dict:
     run = base_run(args) if args.model else M.read_run(args.adapter)  # checked before loading anything heavy
     task = run["task"]
     columns = D.Columns(
-        text=args.text_column, label=args.label_column or run.get("label_column", "label"),
+        text=args.text_column, text_pair=args.text_pair_column or run.get("text_pair_column"),
+        label=args.label_column or run.get("label_column", "label"),
         prompt=args.prompt_field or run.get("prompt_field", "question"),
         answer=args.answer_field or run.get("answer_field", "answer"),
     )
@@ -97,7 +100,7 @@ def evaluate(args) -> dict:
     table = D.first_rows(table, args.eval_size)
 
     model, tokenizer, run = load_base_for_eval(args) if args.model else M.load_trained(args.adapter)
-    max_length = args.max_length or run.get("max_length") or 512
+    max_length = args.max_length or run.get("max_length") or DEFAULT_MAX_LENGTH[task]
     encoded = encode(table, tokenizer, task, columns, max_length, args.data)
     with tempfile.TemporaryDirectory() as scratch:
         settings = FitSettings(output_dir=scratch, task=task, learning_rate=1.0, head_learning_rate=1.0,
@@ -118,7 +121,7 @@ def evaluate(args) -> dict:
 def base_run(args) -> dict:
     """The run record of an untuned model: a causal LM (a classifier's new head would be random)."""
     M.check_model_source(args.model, args.gguf_file)
-    return {"base_model": args.model, "gguf_file": args.gguf_file, "task": "causal-lm", "method": "none"}
+    return {"base_model": args.model, "gguf_file": args.gguf_file, "task": args.task, "method": "none"}
 
 
 def load_base_for_eval(args):

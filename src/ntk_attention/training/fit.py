@@ -7,6 +7,7 @@ checkpoints of adapter methods hold only the trainable tensors instead of the wh
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 from dataclasses import dataclass
@@ -33,11 +34,14 @@ class FitSettings:
     weight_decay: float = 0.0
     group_by_length: bool = True
     save_full_checkpoints: bool = False  # `full` keeps whole-model checkpoints
+    metric: str | None = None  # picks the best epoch: accuracy / mcc (classification) or loss (default per task)
 
 
 class MethodTrainer(transformers.Trainer):
-    def __init__(self, *args, head_modules: list[str], head_learning_rate: float, save_full_checkpoints: bool, **kwargs):
+    def __init__(self, *args, task: str, head_modules: list[str], head_learning_rate: float, save_full_checkpoints: bool,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.task = task
         self.head_modules = head_modules
         self.head_learning_rate = head_learning_rate
         self.save_full_checkpoints = save_full_checkpoints
@@ -70,9 +74,34 @@ class MethodTrainer(transformers.Trainer):
             save_file(state, os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def accuracy_metrics(prediction: transformers.EvalPrediction) -> dict:
+SCORES = ("accuracy", "mcc", "loss")  # what evaluation reports; perplexity follows from the loss
+
+
+def classification_metrics(prediction: transformers.EvalPrediction) -> dict:
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+    predicted, labels = np.argmax(logits, axis=-1), prediction.label_ids
+    return {"accuracy": float((predicted == labels).mean()), "mcc": matthews_correlation(predicted, labels)}
+
+
+def matthews_correlation(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation for any number of classes (Gorodkin's R_K); 0 when a prediction or the
+    labels are constant, as scikit-learn returns."""
+    classes = int(max(predicted.max(initial=0), labels.max(initial=0))) + 1
+    confusion = np.zeros((classes, classes), dtype=np.float64)
+    np.add.at(confusion, (labels.astype(int), predicted.astype(int)), 1)
+    n, correct = confusion.sum(), np.trace(confusion)
+    true, pred = confusion.sum(axis=1), confusion.sum(axis=0)
+    denominator = math.sqrt((n * n - pred @ pred) * (n * n - true @ true))
+    return float((correct * n - pred @ true) / denominator) if denominator else 0.0
+
+
+def named_scores(metrics: dict, task: str, prefix: str = "eval_") -> dict:
+    """Scores without the prefix; perplexity (``exp`` of the mean token loss) for language modelling."""
+    scores = {key[len(prefix):]: value for key, value in metrics.items()
+              if key.startswith(prefix) and key[len(prefix):] in SCORES}
+    if task == "language-modeling" and "loss" in scores:
+        scores["perplexity"] = math.exp(scores["loss"])
+    return scores
 
 
 def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str], train_data=None, eval_data=None):
@@ -91,8 +120,8 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
         save_strategy="epoch",
         save_total_limit=2,  # the last two; with load_best_model_at_end the best one as well
         load_best_model_at_end=has_eval,
-        metric_for_best_model="accuracy" if classification else "loss",
-        greater_is_better=classification,
+        metric_for_best_model=settings.metric or ("accuracy" if classification else "loss"),
+        greater_is_better=(settings.metric or ("accuracy" if classification else "loss")) != "loss",
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         seed=settings.seed,
         data_seed=settings.seed,  # the shuffle must not depend on what else drew random numbers first
@@ -104,6 +133,7 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
         label_names=["labels"],
     )
     collator = (transformers.DataCollatorWithPadding(tokenizer) if classification
+                else transformers.default_data_collator if settings.task == "language-modeling"  # equal blocks
                 else transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
     trainer = MethodTrainer(
         model=model,
@@ -112,7 +142,8 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
         eval_dataset=eval_data,
         data_collator=collator,
         processing_class=tokenizer,
-        compute_metrics=accuracy_metrics if classification else None,
+        compute_metrics=classification_metrics if classification else None,
+        task=settings.task,
         head_modules=head_modules,
         head_learning_rate=settings.head_learning_rate,
         save_full_checkpoints=settings.save_full_checkpoints,
@@ -124,12 +155,13 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
 
 
 def score(trainer: transformers.Trainer, data) -> dict:
-    """Accuracy (classification) and loss of ``trainer.model`` on ``data``, without the ``eval_`` prefix."""
+    """Accuracy and MCC (classification), loss, and perplexity (language modelling) of ``trainer.model``
+    on ``data``, without the ``eval_`` prefix."""
     metrics = trainer.evaluate(eval_dataset=data, metric_key_prefix="eval")
     # evaluate() marks the model as prepared by accelerate; a later train() would then skip the
     # DistributedDataParallel wrap and every process would step on its own gradients.
     trainer.model.__dict__.pop("_is_accelerate_prepared", None)
-    return {key[5:]: value for key, value in metrics.items() if key in ("eval_accuracy", "eval_loss")}
+    return named_scores(metrics, trainer.task)
 
 
 def peak_rss_mb() -> float:

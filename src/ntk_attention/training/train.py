@@ -22,12 +22,14 @@ import transformers
 from ..io import write_json, write_jsonl
 from . import data as D
 from . import models as M
-from .fit import FitSettings, make_trainer, peak_rss_mb, score
+from .fit import FitSettings, make_trainer, named_scores, peak_rss_mb, score
 
 # NTKConfig scales the NTK state by virtual_prefix_length (default 32), so LoRA-like rates suit it
 # (benchmarks/results/sst2-minilm-scale.md); the head learns too slowly at 1e-3 on small budgets.
 DEFAULT_LR = {"ntk": 1e-3, "prefix": 3e-2, "lora": 1e-3, "full": 5e-5, "head": 1e-2}
-DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512}
+DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512, "language-modeling": 256}
+# what selects the learning rate and the best epoch on the validation slice, per task
+SELECTION_METRICS = {"classification": ("accuracy", "mcc"), "causal-lm": ("loss",), "language-modeling": ("loss",)}
 
 
 def default_model() -> str:
@@ -38,11 +40,12 @@ def default_model() -> str:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Column options shared with ``ntk-attn eval``."""
     group = parser.add_argument_group("columns")
-    group.add_argument("--text-column", default=None, help="classification text column (default: the only column besides the label)")
+    group.add_argument("--text-column", default=None, help="classification / language-modeling text column (default: the only column besides the label)")
+    group.add_argument("--text-pair-column", default=None, help="classification: second text of a sentence pair (e.g. hypothesis)")
     group.add_argument("--label-column", default="label", help="integer class label column (default: label)")
     group.add_argument("--prompt-field", default="question", help="causal-lm prompt field (default: question)")
     group.add_argument("--answer-field", default="answer", help="causal-lm answer field (default: answer)")
-    group.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens (default 128, causal-lm 512)")
+    group.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens (default 128, causal-lm 512; language-modeling: the block length, 256)")
     group.add_argument("--eval-size", type=int, default=None, help="use only the first N rows of the evaluation data")
     group.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: greedy decoding length for exact match")
     group.add_argument("--generate-size", type=int, default=None,
@@ -72,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--lr", type=float, nargs="+", default=None, help="learning rate(s); several = a grid chosen on the validation slice (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     group.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the classification head, every method but head (default 1e-2)")
+    group.add_argument("--metric", choices=("accuracy", "mcc", "loss"), default=None,
+                       help="what picks the learning rate and epoch on the validation slice (default: accuracy for "
+                            "classification, loss otherwise; mcc = Matthews correlation)")
     group.add_argument("--epochs", type=float, default=2.0)
     group.add_argument("--batch-size", type=int, default=32, help="per process")
     group.add_argument("--seed", type=int, default=0)
@@ -98,7 +104,8 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def columns_from(args) -> D.Columns:
-    return D.Columns(text=args.text_column, label=args.label_column, prompt=args.prompt_field, answer=args.answer_field)
+    return D.Columns(text=args.text_column, text_pair=getattr(args, "text_pair_column", None), label=args.label_column,
+                     prompt=args.prompt_field, answer=args.answer_field)
 
 
 def prepare(args) -> dict:
@@ -120,18 +127,24 @@ def prepare(args) -> dict:
     if args.init_from is not None:
         M.check_prefix_start(args.init_from, args.method, task, model)
     M.check_model_source(model, args.gguf_file)
+    metric = args.metric or SELECTION_METRICS[task][0]
+    if metric not in SELECTION_METRICS[task]:
+        raise ValueError(f"--metric {metric} does not apply to {task}; expected one of {SELECTION_METRICS[task]}")
     learning_rates = args.lr or [DEFAULT_LR[args.method]]
     if any(not (lr > 0 and math.isfinite(lr)) for lr in learning_rates):
         raise ValueError(f"--lr must be positive, got {learning_rates}")
     train_table, validation_table = D.split_validation(table, args.validation, args.train_size, args.split_seed)
-    return dict(task=task, columns=columns, num_labels=num_labels, model=model, method_config=method_config,
+    return dict(task=task, metric=metric, columns=columns, num_labels=num_labels, model=model, method_config=method_config,
                 learning_rates=learning_rates, train=train_table, validation=validation_table, eval=eval_table,
                 sources=(train_source, eval_source))
 
 
 def encode(table, tokenizer, task: str, columns: D.Columns, max_length: int, source: str):
     if task == "classification":
-        return D.encode_classification(table, tokenizer, D.text_column(table, columns, source), columns.label, max_length)
+        return D.encode_classification(table, tokenizer, D.text_column(table, columns, source), columns.label, max_length,
+                                       columns.text_pair)
+    if task == "language-modeling":
+        return D.encode_blocks(table, tokenizer, D.text_column(table, columns, source), max_length)
     return D.encode_causal(table, tokenizer, columns.prompt, columns.answer, max_length)
 
 
@@ -170,11 +183,11 @@ def train(args) -> dict:
         else:
             model, head_modules = M.ntk_from_prefix_adapter(args.init_from, parse_options(args.config))
         settings = FitSettings(
-            output_dir=os.path.join(output_dir, "checkpoints", f"lr-{learning_rate:g}"), task=task,
+            output_dir=os.path.join(output_dir, "checkpoints", f"lr-{learning_rate:g}"), task=task, metric=plan["metric"],
             learning_rate=learning_rate, head_learning_rate=learning_rate if args.method == "head" else args.head_lr,
             epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, group_by_length=args.group_by_length,
             # causal-LM logits are [batch, length, vocabulary]: 64 rows of SmolLM2 at 384 tokens are 4.8 GB
-            eval_batch_size=args.batch_size if task == "causal-lm" else 64,
+            eval_batch_size=args.batch_size if task != "classification" else 64,
             save_full_checkpoints=args.method == "full",
         )
         trainer = make_trainer(model, tokenizer, settings, head_modules, encoded["train"], encoded["validation"])
@@ -190,7 +203,7 @@ def train(args) -> dict:
         entry = {"learning_rate": learning_rate, "validation": validation, "train_seconds": seconds,
                  "best_epoch": _best_epoch(trainer)}
         runs.append(entry)
-        if best is None or _better(task, validation, best[0]["validation"]):
+        if best is None or _better(plan["metric"], validation, best[0]["validation"]):
             best = (entry, trainer, head_modules)
     entry, trainer, head_modules = best
 
@@ -209,7 +222,7 @@ def train(args) -> dict:
     adapter_dir = os.path.join(output_dir, "adapter")
     record = {
         "base_model": plan["model"], "gguf_file": args.gguf_file, "task": task, "num_labels": plan["num_labels"],
-        "text_column": columns.text, "label_column": columns.label, "prompt_field": columns.prompt,
+        "text_column": columns.text, "text_pair_column": columns.text_pair, "label_column": columns.label, "prompt_field": columns.prompt,
         "answer_field": columns.answer, "max_length": max_length, "head_modules": head_modules,
         "learning_rate": entry["learning_rate"], "validation": entry["validation"], "train_data": train_source,
         "init_from": args.init_from,
@@ -217,7 +230,8 @@ def train(args) -> dict:
     if trainer.is_world_process_zero():
         M.save_trained(trainer.model, args.method, record, adapter_dir, tokenizer)
     return {
-        "method": args.method, "config": parse_options(args.config), "task": task, "model": plan["model"],
+        "method": args.method, "config": parse_options(args.config), "task": task, "metric": plan["metric"],
+        "model": plan["model"],
         "learning_rate": entry["learning_rate"], "best_epoch": entry["best_epoch"], "grid": runs,
         "before": before, "after": after, **M.count_parameters(trainer.model, head_modules),
         "train_seconds": entry["train_seconds"], "peak_rss_mb": peak_rss_mb(), "adapter": adapter_dir,
@@ -229,10 +243,10 @@ def train(args) -> dict:
     }
 
 
-def _better(task: str, candidate: dict, incumbent: dict) -> bool:
-    if task == "classification":
-        return candidate["accuracy"] > incumbent["accuracy"]
-    return candidate["loss"] < incumbent["loss"]
+def _better(metric: str, candidate: dict, incumbent: dict) -> bool:
+    if metric == "loss":
+        return candidate["loss"] < incumbent["loss"]
+    return candidate[metric] > incumbent[metric]
 
 
 def _best_log(trainer) -> dict:
@@ -243,8 +257,7 @@ def _best_log(trainer) -> dict:
 
 def _best_validation(trainer) -> dict | None:
     """Its validation scores, read from the log instead of a third pass over the validation slice."""
-    scores = {name[5:]: value for name, value in _best_log(trainer).items() if name in ("eval_accuracy", "eval_loss")}
-    return scores or None
+    return named_scores(_best_log(trainer), trainer.task) or None
 
 
 def _best_epoch(trainer) -> float | None:

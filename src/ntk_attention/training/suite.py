@@ -1,0 +1,319 @@
+"""Benchmark suites: one TOML file per task, the home of a comparison (``ntk-attn compare --suite FILE``).
+
+A suite file names the data and how to read it, the model, the budget, the variants with their
+learning-rate grids, and the seeds; see ``benchmarks/suites/README.md`` for every field. The data is
+read from ``--data-root`` (default ``$NTK_ATTN_DATA``, else ``../shared/data``), turned into the
+columns ``ntk-attn train`` reads, and written once to ``<work-dir>/<name>/data/`` (train and
+reported split); the reported split is never used to choose anything.
+
+After each suite run ``<out-dir>/suite.json`` and ``suite.md`` are rebuilt from every suite result in
+``<out-dir>``: per task the metric, the model and per variant its method, trainable parameters
+(besides the new head) and mean and standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import string
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io import write_json, write_jsonl, write_text
+
+# metric -> (what train/compare report it from, higher is better)
+METRICS = {"accuracy": True, "mcc": True, "perplexity": False, "exact_match": True, "loss": False}
+TASKS = {"classification": ("accuracy", "mcc"), "causal-lm": ("exact_match", "loss"),
+         "language-modeling": ("perplexity",)}
+# a model given as pkg:PACKAGE[/SUBFOLDER] is the folder of an installed package (no hub needed)
+PACKAGE_PREFIX = "pkg:"
+TOP_FIELDS = {"name", "description", "task", "metric", "model", "gguf_file", "data", "budget", "variants", "lr_grid",
+              "seeds", "main_variants", "ntk_adapter_max_params"}
+DATA_FIELDS = {"train", "eval", "format", "columns", "text", "text_pair", "label", "label_names", "holdout",
+               "prompt", "answer"}
+BUDGET_FIELDS = {"train_size", "validation", "epochs", "batch_size", "head_lr", "max_length", "eval_size",
+                 "max_new_tokens", "generate_size", "generate_batch_size"}
+
+
+@dataclass
+class Suite:
+    path: str
+    name: str
+    description: str
+    task: str
+    metric: str
+    model: str
+    gguf_file: str | None
+    data: dict
+    budget: dict
+    variants: list[str]
+    lr_grid: dict[str, list[float]]
+    seeds: list[int]
+    main_variants: list[str] = field(default_factory=list)
+    ntk_adapter_max_params: int | None = None
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric]
+
+
+def _fail(path, message: str):
+    raise ValueError(f"suite {path}: {message}")
+
+
+def load_suite(path: str) -> Suite:
+    """Read and check a suite file; every error names the file and the field."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"suite file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        _fail(path, f"not valid TOML ({err})")
+    unknown = sorted(set(raw) - TOP_FIELDS)
+    if unknown:
+        _fail(path, f"unknown fields {unknown} (known: {sorted(TOP_FIELDS)})")
+    for key in ("name", "task", "metric", "model", "data", "variants"):
+        if key not in raw:
+            _fail(path, f"field {key!r} is missing")
+    task, metric = raw["task"], raw["metric"]
+    if task not in TASKS:
+        _fail(path, f"task must be one of {sorted(TASKS)}, got {task!r}")
+    if metric not in TASKS[task]:
+        _fail(path, f"metric for task {task!r} must be one of {TASKS[task]}, got {metric!r}")
+    if not isinstance(raw["name"], str) or not re.fullmatch(r"[A-Za-z0-9._-]+", raw["name"]):
+        _fail(path, f"name must be a plain file name, got {raw['name']!r}")
+    data = raw["data"]
+    if not isinstance(data, dict) or "train" not in data:
+        _fail(path, "[data] needs at least 'train'")
+    unknown = sorted(set(data) - DATA_FIELDS)
+    if unknown:
+        _fail(path, f"[data] unknown fields {unknown} (known: {sorted(DATA_FIELDS)})")
+    if "eval" not in data and "holdout" not in data:
+        _fail(path, "[data] needs 'eval' (the reported split) or 'holdout' (carve it from 'train' with a seed)")
+    budget = raw.get("budget", {})
+    unknown = sorted(set(budget) - BUDGET_FIELDS)
+    if unknown:
+        _fail(path, f"[budget] unknown fields {unknown} (known: {sorted(BUDGET_FIELDS)})")
+    variants = raw["variants"]
+    if not isinstance(variants, list) or not variants or not all(isinstance(v, str) for v in variants):
+        _fail(path, "variants must be a non-empty list of LABEL=METHOD:KEY=VALUE strings")
+    grid = raw.get("lr_grid", {})
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+                                             for v in grid.values()):
+        _fail(path, "lr_grid must map a variant label or method to a list of learning rates")
+    seeds = raw.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        _fail(path, f"seeds must be a non-empty list of integers, got {seeds!r}")
+    labels = [v.partition("=")[0] if "=" in v else v for v in variants]
+    missing = sorted(set(raw.get("main_variants", [])) - set(labels))
+    if missing:
+        _fail(path, f"main_variants {missing} are not among the variants' labels {labels}")
+    return Suite(path=path, name=raw["name"], description=raw.get("description", ""), task=task, metric=metric,
+                 model=raw["model"], gguf_file=raw.get("gguf_file"), data=data, budget=budget, variants=variants,
+                 lr_grid={k: [float(x) for x in v] for k, v in grid.items()}, seeds=seeds,
+                 main_variants=list(raw.get("main_variants", [])),
+                 ntk_adapter_max_params=raw.get("ntk_adapter_max_params"))
+
+
+def resolve_model(reference: str) -> str:
+    """A hub name or folder as given; ``pkg:PACKAGE[/SUBFOLDER]`` is that folder of an installed package."""
+    if not reference.startswith(PACKAGE_PREFIX):
+        return reference
+    package, _, sub = reference[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {reference!r}: the package {package!r} is not installed (pip install "
+                         f"{package.replace('_', '-')})")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], sub)
+    if not os.path.isdir(folder):
+        raise ValueError(f"model {reference!r}: {folder} is not a folder")
+    return folder
+
+
+def default_data_root() -> str:
+    return os.environ.get("NTK_ATTN_DATA") or os.path.join("..", "shared", "data")
+
+
+# ---------------------------------------------------------------- reading the data
+
+
+def _read_rows(path: str, data: dict, suite_path: str) -> list[dict]:
+    """Rows of a source file as dicts: JSON lines, a JSON array, TSV (with a header or ``columns``),
+    or ``format = "wikitext-articles"`` (one row per ``= Title =`` article: title, text)."""
+    if not os.path.isfile(path):
+        _fail(suite_path, f"data file {path} does not exist (set --data-root or $NTK_ATTN_DATA)")
+    fmt = data.get("format") or os.path.splitext(path)[1].lstrip(".")
+    with open(path, encoding="utf-8") as handle:
+        if fmt == "jsonl":
+            return [json.loads(line) for line in handle if line.strip()]
+        if fmt == "json":
+            rows = json.load(handle)
+            if not isinstance(rows, list):
+                _fail(suite_path, f"{path}: expected a JSON array of objects")
+            return rows
+        if fmt == "tsv":
+            lines = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+            header = data.get("columns") or lines.pop(0)
+            bad = next((i for i, line in enumerate(lines) if len(line) != len(header)), None)
+            if bad is not None:
+                _fail(suite_path, f"{path}: row {bad + 1} has {len(lines[bad])} fields, the header {len(header)}")
+            return [dict(zip(header, line)) for line in lines]
+        if fmt == "wikitext-articles":
+            return _wikitext_articles(handle.read())
+    _fail(suite_path, f"[data] format {fmt!r} is not one of jsonl, json, tsv, wikitext-articles")
+
+
+def _wikitext_articles(text: str) -> list[dict]:
+    """WikiText raw: an article starts at a line ``" = Title = "`` (one ``=``; ``= = Section = =`` is inside)."""
+    articles = []
+    for line in text.split("\n"):
+        match = re.fullmatch(r" = ([^=].*) = ", line)
+        if match:
+            articles.append({"title": match.group(1), "lines": []})
+        elif articles:
+            articles[-1]["lines"].append(line)
+    return [{"title": a["title"], "text": "\n".join(a["lines"]).strip()} for a in articles]
+
+
+class _Template(string.Formatter):
+    """``str.format`` over a row, where ``{x:g}`` also formats a number written as text ("43" -> 43)."""
+
+    def format_field(self, value, format_spec):
+        if format_spec.endswith("g") and isinstance(value, str):
+            value = float(value)
+        return super().format_field(value, format_spec)
+
+
+def _label_id(value, names: list, source: str, row: int) -> int:
+    for index, name in enumerate(names):
+        if value == name or str(value).lower() == str(name).lower():
+            return index
+    raise ValueError(f"{source}, row {row + 1}: label {value!r} is not one of label_names {names}")
+
+
+def _field(row: dict, names: str | list[str]) -> str:
+    """The first of ``names`` the row has (splits of one data set may name a column differently)."""
+    for name in [names] if isinstance(names, str) else names:
+        if name in row:
+            return name
+    raise KeyError(names)
+
+
+def canonical_rows(rows: list[dict], suite: Suite, source: str) -> list[dict]:
+    """The columns ``ntk-attn train`` reads: text[, text_pair], label (classification); question, answer
+    (causal-lm); text (language-modeling)."""
+    data = suite.data
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            if suite.task == "classification":
+                item = {"text": str(row[_field(row, data.get("text", "text"))])}
+                if "text_pair" in data:
+                    item["text_pair"] = str(row[data["text_pair"]])
+                value = row[data.get("label", "label")]
+                item["label"] = _label_id(value, data["label_names"], source, i) if "label_names" in data else int(value)
+            elif suite.task == "causal-lm":
+                template = _Template()
+                item = {"question": template.format(data.get("prompt", "{question}"), **row).strip(),
+                        "answer": template.format(data.get("answer", "{answer}"), **row).strip()}
+            else:
+                item = {"text": str(row[_field(row, data.get("text", "text"))])}
+        except KeyError as err:
+            raise ValueError(f"{source}, row {i + 1}: no field {err} (fields: {sorted(row)})") from None
+        out.append(item)
+    return out
+
+
+def prepare_data(suite: Suite, data_root: str, folder: str) -> tuple[str, str]:
+    """Write the suite's training rows and reported split as JSON lines into ``folder``; return both paths.
+    Rewritten only when their content changes, so cached runs keep seeing the same files."""
+    data = suite.data
+    train_rows = _read_rows(os.path.join(data_root, data["train"]), data, suite.path)
+    if "holdout" in data:
+        holdout = data["holdout"]
+        if set(holdout) != {"rows", "seed"} or not all(isinstance(holdout[k], int) for k in holdout):
+            _fail(suite.path, "[data] holdout must be {rows = N, seed = S}")
+        if not 0 < holdout["rows"] < len(train_rows):
+            _fail(suite.path, f"[data] holdout rows {holdout['rows']} must be between 1 and {len(train_rows) - 1}")
+        order = list(range(len(train_rows)))
+        random.Random(holdout["seed"]).shuffle(order)
+        reported = set(order[:holdout["rows"]])
+        eval_rows = [row for i, row in enumerate(train_rows) if i in reported]
+        train_rows = [row for i, row in enumerate(train_rows) if i not in reported]
+    else:
+        eval_rows = _read_rows(os.path.join(data_root, data["eval"]), data, suite.path)
+    paths = []
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        path = os.path.join(folder, f"{split}.jsonl")
+        rows = canonical_rows(rows, suite, f"{data.get(split, data['train'])} ({split})")
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        if not os.path.isfile(path) or Path(path).read_text() != text:
+            write_text(path, text)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def data_fingerprint(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the summary across tasks
+
+
+def write_summary(out_dir: str) -> dict:
+    """Rebuild ``suite.json`` and ``suite.md`` in ``out_dir`` from every suite result there."""
+    tasks = {}
+    for file in sorted(Path(out_dir).glob("*.json")):
+        if file.name == "suite.json":
+            continue
+        record = json.loads(file.read_text())
+        suite = record.get("suite")
+        if not suite:
+            continue
+        metric = suite["metric"]
+        methods = {}
+        for label, m in record["methods"].items():
+            methods[label] = {"method": m["method"], "trainable_params": m["trainable_params_excl_head"],
+                              "mean": m[f"dev_{metric}"], "std": m[f"dev_{metric}_std"], "seeds": len(m["seeds"]) or 1,
+                              "per_seed": m[f"dev_{metric}_per_seed"], "learning_rate": m["learning_rate"],
+                              "config": m["config"]}
+        tasks[suite["name"]] = {"metric": metric, "higher_is_better": suite["higher_is_better"],
+                                "model": suite["model"], "file": file.name, "command": record["command"],
+                                "main_variants": suite.get("main_variants", []), "methods": methods}
+    summary = {"tasks": tasks}
+    write_json(os.path.join(out_dir, "suite.json"), summary)
+    write_text(os.path.join(out_dir, "suite.md"), summary_table(summary))
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """One row per variant label, one column per task: mean ± std (seeds), trainable parameters below."""
+    tasks = summary["tasks"]
+    labels = []
+    for task in tasks.values():
+        labels += [label for label in task["methods"] if label not in labels]
+    header = "| variant | " + " | ".join(
+        f"{name} ({t['metric']}, {'higher' if t['higher_is_better'] else 'lower'} is better)" for name, t in tasks.items()) + " |"
+    lines = [header, "|---|" + "---|" * len(tasks)]
+    for label in labels:
+        cells = []
+        for task in tasks.values():
+            m = task["methods"].get(label)
+            if m is None:
+                cells.append("")
+                continue
+            spread = f" ± {m['std']:.3f}" if m["seeds"] > 1 else ""
+            cells.append(f"{m['mean']:.3f}{spread} ({m['seeds']}) · {m['trainable_params']:,}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: mean ± std over seeds (number of seeds) · trainable parameters besides the new "
+              "classification head. Each task's command is in its own JSON (`file`)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,235 @@
+"""Suite files (`ntk-attn compare --suite`): reading and checking them, turning each data layout into
+train's columns, the metrics (MCC, perplexity, exact match), and suite.json across tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ntk_attention import cli
+from ntk_attention.training import suite as S
+from ntk_attention.training.fit import matthews_correlation
+
+
+def write_suite(path, model, body: str):
+    path.write_text(f'model = "{model}"\n' + body)
+    return str(path)
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture()
+def pair_data(tmp_path):
+    """An RTE-like task: premise / hypothesis pairs, string labels; the hypothesis decides the label."""
+    root = tmp_path / "data"
+    (root / "rte").mkdir(parents=True)
+    words = ["good", "bad", "great", "awful", "fine", "poor"]
+    def rows(n, offset):
+        return [{"premise": f"the film was {words[(i + offset) % 6]}", "hypothesis": f"it is {words[i % 2]}",
+                 "label": ["entailment", "not_entailment"][i % 2]} for i in range(n)]
+    jsonl(root / "rte" / "train.jsonl", rows(40, 0))
+    jsonl(root / "rte" / "val.jsonl", rows(12, 3))
+    return root
+
+
+PAIR_SUITE = """name = "tiny-rte"
+task = "classification"
+metric = "accuracy"
+variants = ["head", "ntk", "ntk-m4=ntk:virtual_prefix_length=4", "lora"]
+main_variants = ["ntk"]
+seeds = [0, 1]
+[lr_grid]
+head = [1e-2]
+ntk = [1e-3]
+lora = [1e-3]
+[data]
+train = "rte/train.jsonl"
+eval = "rte/val.jsonl"
+text = "premise"
+text_pair = "hypothesis"
+label_names = ["entailment", "not_entailment"]
+[budget]
+validation = 8
+epochs = 1
+batch_size = 8
+max_length = 32
+"""
+
+
+def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data):
+    suite = write_suite(tmp_path / "rte.toml", tiny_bert, PAIR_SUITE)
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["compare", "--suite", suite, "--data-root", str(pair_data), "--out-dir", str(out), "--work-dir", str(work),
+            "--jobs", "2", "--threads", "1"]
+    assert cli.main(argv) == 0
+    record = json.loads((out / "tiny-rte.json").read_text())
+    assert record["suite"]["metric"] == "accuracy" and record["metric"] == "accuracy"
+    methods = record["methods"]
+    assert methods["ntk"]["seeds"] == [0, 1]  # a main row runs every seed
+    assert methods["ntk-m4"]["seeds"] == [0] and methods["lora"]["seeds"] == [0]  # the others the first
+    train_rows = [json.loads(line) for line in (work / "tiny-rte" / "data" / "train.jsonl").read_text().splitlines()]
+    assert train_rows[1] == {"text": "the film was bad", "text_pair": "it is bad", "label": 1}
+    run = json.loads((work / "tiny-rte" / "ntk" / "seed0" / "adapter" / "training_run.json").read_text())
+    assert run["text_pair_column"] == "text_pair"
+    summary = json.loads((out / "suite.json").read_text())
+    task = summary["tasks"]["tiny-rte"]
+    assert task["metric"] == "accuracy" and task["higher_is_better"] is True and task["model"] == tiny_bert
+    ntk = task["methods"]["ntk"]
+    assert ntk["method"] == "ntk" and ntk["seeds"] == 2 and ntk["trainable_params"] > 0
+    assert ntk["mean"] == pytest.approx(np.mean(ntk["per_seed"])) and ntk["std"] == pytest.approx(np.std(ntk["per_seed"], ddof=1))
+    assert task["methods"]["head"]["trainable_params"] == 0
+    assert "| ntk |" in (out / "suite.md").read_text()
+    assert (out / "tiny-rte-params.png").read_bytes()[:4] == b"\x89PNG"
+    # --only runs a subset; what the suite fixes cannot be set beside it
+    with pytest.raises(ValueError, match="--epochs"):
+        cli.main(argv + ["--epochs", "3"])
+    with pytest.raises(ValueError, match="not variants"):
+        cli.main(argv + ["--only", "nope"])
+
+
+def test_language_modelling_suite_reports_perplexity(tmp_path, tiny_llama):
+    root = tmp_path / "data"
+    root.mkdir()
+    articles = "".join(f" \n = Article {i} = \n \n the cat sat on mat {i} . the dog ran far {i} . \n" * 1 for i in range(12))
+    (root / "wiki.raw").write_text(articles * 3)
+    suite = write_suite(tmp_path / "wiki.toml", tiny_llama, """name = "tiny-wiki"
+task = "language-modeling"
+metric = "perplexity"
+variants = ["base", "ntk"]
+seeds = [0]
+[lr_grid]
+ntk = [1e-3]
+[data]
+train = "wiki.raw"
+format = "wikitext-articles"
+holdout = { rows = 10, seed = 0 }
+text = "text"
+[budget]
+validation = 4
+epochs = 1
+batch_size = 2
+max_length = 16
+""")
+    out = tmp_path / "results"
+    assert cli.main(["compare", "--suite", suite, "--data-root", str(root), "--out-dir", str(out),
+                     "--work-dir", str(tmp_path / "work"), "--threads", "1"]) == 0
+    record = json.loads((out / "tiny-wiki.json").read_text())
+    for label in ("base", "ntk"):
+        m = record["methods"][label]
+        assert m["dev_perplexity"] == pytest.approx(math.exp(m["dev_loss"]))
+    summary = json.loads((out / "suite.json").read_text())["tasks"]["tiny-wiki"]
+    assert summary["metric"] == "perplexity" and summary["higher_is_better"] is False
+
+
+def test_math_templates_build_prompt_and_answer(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps([
+        {"sQuestion": " Joan had 70 shells and gave 27 away. How many are left? ", "lEquations": ["X = 70 - 27"],
+         "lSolutions": ["43"]},
+        {"sQuestion": "What is 2 times 3?", "lEquations": ["X=2*3"], "lSolutions": [6.0]},
+    ] * 3))
+    suite_file = tmp_path / "m.toml"
+    suite_file.write_text("""name = "m"
+task = "causal-lm"
+metric = "exact_match"
+model = "x"
+variants = ["lora"]
+[data]
+train = "m.json"
+holdout = { rows = 2, seed = 3 }
+prompt = "{sQuestion}"
+answer = "{lEquations[0]}\\n#### {lSolutions[0]:g}"
+""")
+    suite = S.load_suite(str(suite_file))
+    train, evaluation = S.prepare_data(suite, str(tmp_path), str(tmp_path / "out"))
+    rows = [json.loads(line) for path in (train, evaluation) for line in open(path)]
+    assert len(rows) == 6 and sum(1 for _ in open(evaluation)) == 2
+    assert {"question": "Joan had 70 shells and gave 27 away. How many are left?", "answer": "X = 70 - 27\n#### 43"} in rows
+    assert {"question": "What is 2 times 3?", "answer": "X=2*3\n#### 6"} in rows
+    # the same seed carves the same reported rows; the files are not rewritten when nothing changed
+    before = open(evaluation).read()
+    assert S.prepare_data(suite, str(tmp_path), str(tmp_path / "out"))[1] == evaluation and open(evaluation).read() == before
+
+
+def test_headerless_tsv_and_label_names_with_booleans(tmp_path):
+    (tmp_path / "cola.tsv").write_text("gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n")
+    (tmp_path / "boolq.jsonl").write_text('{"question": "q1", "passage": "p1", "label": true}\n'
+                                          '{"question": "q2", "passage": "p2", "label": false}\n' * 3)
+    base = 'model = "x"\nvariants = ["ntk"]\ntask = "classification"\n'
+    cola = tmp_path / "cola.toml"
+    cola.write_text(base + 'name = "cola"\nmetric = "mcc"\n[data]\ntrain = "cola.tsv"\neval = "cola.tsv"\n'
+                    'columns = ["source", "label", "marker", "sentence"]\ntext = "sentence"\n')
+    train, _ = S.prepare_data(S.load_suite(str(cola)), str(tmp_path), str(tmp_path / "cola"))
+    assert [json.loads(line) for line in open(train)] == [{"text": "The cat sat.", "label": 1}, {"text": "Cat the sat.", "label": 0}]
+    boolq = tmp_path / "boolq.toml"
+    boolq.write_text(base + 'name = "boolq"\nmetric = "accuracy"\n[data]\ntrain = "boolq.jsonl"\nholdout = { rows = 2, seed = 0 }\n'
+                     'text = "question"\ntext_pair = "passage"\nlabel_names = [false, true]\n')
+    train, _ = S.prepare_data(S.load_suite(str(boolq)), str(tmp_path), str(tmp_path / "boolq"))
+    assert {json.loads(line)["label"] for line in open(train)} == {0, 1}
+    bad = tmp_path / "bad.toml"
+    bad.write_text(base + 'name = "bad"\nmetric = "accuracy"\n[data]\ntrain = "boolq.jsonl"\neval = "boolq.jsonl"\n'
+                   'text = "question"\nlabel_names = ["yes", "no"]\n')
+    with pytest.raises(ValueError, match="label True is not one of label_names"):
+        S.prepare_data(S.load_suite(str(bad)), str(tmp_path), str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("body,message", [
+    ('name = "a"\ntask = "classification"\nmetric = "perplexity"\nvariants = ["ntk"]\n[data]\ntrain = "t"\neval = "e"\n',
+     "metric for task 'classification'"),
+    ('name = "a"\ntask = "classification"\nmetric = "accuracy"\nvariants = ["ntk"]\nepochs = 2\n[data]\ntrain = "t"\neval = "e"\n',
+     "unknown fields \\['epochs'\\]"),
+    ('name = "a"\ntask = "classification"\nmetric = "accuracy"\nvariants = ["ntk"]\n[data]\ntrain = "t"\n',
+     "needs 'eval'"),
+    ('name = "a"\ntask = "classification"\nmetric = "accuracy"\nvariants = ["ntk"]\nmain_variants = ["lora"]\n[data]\ntrain = "t"\neval = "e"\n',
+     "main_variants \\['lora'\\]"),
+    ('name = "a b"\ntask = "classification"\nmetric = "accuracy"\nvariants = ["ntk"]\n[data]\ntrain = "t"\neval = "e"\n',
+     "plain file name"),
+])
+def test_bad_suite_files_name_the_field(tmp_path, body, message):
+    path = tmp_path / "s.toml"
+    path.write_text('model = "x"\n' + body)
+    with pytest.raises(ValueError, match=message) as error:
+        S.load_suite(str(path))
+    assert str(path) in str(error.value)
+
+
+def test_missing_data_file_and_package_are_named(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('model = "pkg:no_such_package_here"\nname = "a"\ntask = "classification"\nmetric = "accuracy"\n'
+                    'variants = ["ntk"]\n[data]\ntrain = "missing.jsonl"\neval = "e.jsonl"\n')
+    suite = S.load_suite(str(path))
+    with pytest.raises(ValueError, match="missing.jsonl does not exist"):
+        S.prepare_data(suite, str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="no_such_package_here"):
+        S.resolve_model(suite.model)
+
+
+def test_every_committed_suite_reads_and_its_variants_parse():
+    from pathlib import Path
+
+    from ntk_attention.training.compare import parse_variant
+
+    files = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "suites").glob("*.toml"))
+    assert len(files) >= 10
+    for file in files:
+        suite = S.load_suite(str(file))
+        assert suite.name == file.stem
+        for spec in suite.variants:
+            parse_variant(spec)
+
+
+def test_matthews_correlation():
+    labels = np.array([0, 0, 1, 1, 1, 0, 1, 0])
+    predicted = np.array([0, 1, 1, 1, 0, 0, 1, 0])
+    tp, tn, fp, fn = 3, 3, 1, 1
+    expected = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert matthews_correlation(predicted, labels) == pytest.approx(expected)
+    assert matthews_correlation(labels, labels) == pytest.approx(1.0)
+    assert matthews_correlation(np.zeros(8, dtype=int), labels) == 0.0  # constant prediction
+    three = np.array([0, 1, 2, 2, 1, 0])
+    assert matthews_correlation(three, three) == pytest.approx(1.0)
