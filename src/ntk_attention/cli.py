@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -20,6 +21,32 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("experiment", "convergence"): ("ntk_attention.experiments.convergence", "ultra-long prefix training in the NTK regime"),
     ("experiment", "rank"): ("ntk_attention.experiments.rank", "low-rank Z and feature dimension: parameters against error"),
 }
+
+
+# Argument types shared by every command: a bad number is refused by the parser, naming the option,
+# before any data or model is loaded.
+
+
+def _number(text: str, kind, check, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (math.isfinite(value) and check(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a finite number > 0")
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:

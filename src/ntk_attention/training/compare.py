@@ -11,14 +11,17 @@ The variant ``base`` (causal LM only) scores the untuned model once with ``ntk-a
 the baseline row. A variant ``ntk-from-p16=ntk:init_from=p16`` starts each seed's NTK run from the closed-form
 conversion of the same seed's adapter of the prefix variant ``p16`` (listed earlier).
 
-Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``;
-the adapter of the best NTK variant (first seed, by validation score) is copied to
-``<out-dir>/<name>/ntk/``.
+Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``
+(``--out-dir`` defaults to ``runs/results``, never the repository); the adapter of the best NTK
+variant (first seed, by validation score) is copied to ``<out-dir>/<name>/ntk/``. A folder already
+there is kept when it holds that same adapter and refused otherwise: compare deletes nothing it did
+not write in the same call.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import platform
@@ -27,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -119,7 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rates per variant or method (defaults: " + "; ".join(f"{k} {','.join(f'{x:g}' for x in v)}" for k, v in DEFAULT_GRID.items()) + ")")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
-    parser.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
+    parser.add_argument("--out-dir", default=os.path.join("runs", "results"),
+                        help="where <name>.json, .md, -*.png and <name>/ntk/ go (default: %(default)s; the committed "
+                             "results: benchmarks/results)")
     parser.add_argument("--work-dir", default=os.path.join("runs", "compare"), help="checkpoints and per-run results")
     parser.add_argument("--ntk-adapter-max-params", type=int, default=None, metavar="N",
                         help="copy to <out-dir>/<name>/ntk/ the best NTK variant (on validation) among those with at "
@@ -298,20 +304,47 @@ def run(args) -> int:
 
 
 def write_results(out_dir: str, name: str, record: dict, variants: list[Variant], max_params: int | None = None) -> None:
-    os.makedirs(out_dir, exist_ok=True)
     ntk = [v.label for v in variants if v.method == "ntk"
            and (max_params is None or record["methods"][v.label]["trainable_params_excl_head"] <= max_params)]
     target = os.path.join(out_dir, name, "ntk")
-    shutil.rmtree(target, ignore_errors=True)  # a copy from an earlier call may no longer be the best
-    if ntk:
-        best = max(ntk, key=lambda label: validation_score(record["methods"][label]))
+    best = max(ntk, key=lambda label: validation_score(record["methods"][label])) if ntk else None
+    source = record["methods"][best]["adapter"] if best else None
+    # Checked before anything is written, so the JSON never names an adapter the folder does not hold.
+    if os.path.exists(target) and (source is None or not same_files(source, target)):
+        raise ValueError(f"{target} holds an adapter that is not this comparison's best NTK variant "
+                         f"({best or 'none qualifies'}); compare does not delete what it did not write in this "
+                         "call: move it away or choose another --out-dir / --name")
+    os.makedirs(out_dir, exist_ok=True)
+    if best:
         record["best_ntk_variant"] = best
-        shutil.copytree(record["methods"][best]["adapter"], target)
+        if not os.path.exists(target):
+            copy_folder(source, target)
     write_json(os.path.join(out_dir, f"{name}.json"), record)
     table = markdown_table(record)
     write_text(os.path.join(out_dir, f"{name}.md"), table)
     plot(record, os.path.join(out_dir, name))
     print(table)
+
+
+def same_files(a: str, b: str) -> bool:
+    """Both folders hold the same file names with the same bytes."""
+    names = sorted(os.listdir(a))
+    if not os.path.isdir(b) or sorted(os.listdir(b)) != names:
+        return False
+    return all(filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)
+
+
+def copy_folder(source: str, target: str) -> None:
+    """Copy into a hidden folder beside ``target``, then rename it into place: never half a copy."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".copying-", dir=parent)
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def validation_score(summary: dict) -> float:
