@@ -12,7 +12,7 @@ import sys
 
 # (command words) -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("train",): ("ntk_attention.training.train", "fine-tune a model (ntk, prefix, lora, full, head) on HF Trainer"),
+    ("train",): ("ntk_attention.training.train", "fine-tune a model with one method (ntk, prefix, lora, ...: see --method) on HF Trainer"),
     ("eval",): ("ntk_attention.training.evaluate", "evaluate a saved adapter on a data file; prints JSON"),
     ("compare",): ("ntk_attention.training.compare", "run a grid of methods x learning rates x seeds; tables and plots"),
     ("bench", "op"): ("ntk_attention.bench.op", "operator speed and memory: NTK-Attention vs SDPA, naive, prefix"),

@@ -35,18 +35,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .models import METHODS
-from .train import add_data_arguments, parse_options
+from ..cli import non_negative_int, positive_int
 from ..io import save_figure, write_json, write_text
+from . import methods
+from .options import add_run_arguments, forwarded_options, parse_options, run_option_names
 
 BASE = "base"  # the untuned model, scored but not trained
-DEFAULT_GRID = {BASE: [], "head": [3e-3, 1e-2, 3e-2], "ntk": [3e-4, 1e-3, 3e-3], "prefix": [3e-3, 1e-2, 3e-2],
-                "lora": [3e-4, 1e-3, 3e-3], "full": [2e-5, 5e-5, 1e-4]}
+VARIANT_METHODS = methods.NAMES + (BASE,)
 DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
                     "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
-TRAIN_OPTIONS = ("data", "eval_data", "model", "gguf_file", "train_size", "validation", "epochs", "batch_size",
-                 "head_lr", "text_column", "label_column", "prompt_field", "answer_field", "max_length",
-                 "eval_size", "max_new_tokens", "generate_size", "generate_batch_size", "threads")
 
 
 @dataclass
@@ -72,8 +69,8 @@ def parse_variant(spec: str) -> Variant:
         raise ValueError(f"--variants {spec!r}: a spec with keys needs a label first, LABEL=METHOD:KEY=VALUE "
                          f"(e.g. {label.split(':')[0]}={spec})")
     method, *items = rest.split(":")
-    if method not in METHODS + (BASE,):
-        raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {METHODS + (BASE,)}")
+    if method not in VARIANT_METHODS:
+        raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {VARIANT_METHODS}")
     if not label or "/" in label:
         raise ValueError(f"--variants {spec!r}: the label must be a plain name")
     own = dict(item.split("=", 1) for item in items if item.partition("=")[0] in VARIANT_KEYS)
@@ -98,9 +95,13 @@ def check_starts(variants: list[Variant]) -> None:
         seen[variant.label] = variant.method
 
 
+def default_grid(method: str) -> list[float]:
+    return [] if method == BASE else list(methods.get_method(method).learning_rate_grid)
+
+
 def parse_grid(specs: list[str], variants: list[Variant]) -> dict[str, list[float]]:
     """Learning-rate grid per variant: method defaults, overridden by ``LABEL_OR_METHOD=lr,lr``."""
-    grid = {v.label: DEFAULT_GRID[v.method] for v in variants}
+    grid = {v.label: default_grid(v.method) for v in variants}
     for spec in specs:
         key, sep, values = spec.partition("=")
         targets = [v.label for v in variants if key in (v.label, v.method)]
@@ -120,28 +121,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="SPEC",
                         help="METHOD or LABEL=METHOD:KEY=VALUE:... (default: %(default)s)")
     parser.add_argument("--lr-grid", nargs="+", default=[], metavar="VARIANT=LR,LR",
-                        help="learning rates per variant or method (defaults: " + "; ".join(f"{k} {','.join(f'{x:g}' for x in v)}" for k, v in DEFAULT_GRID.items()) + ")")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
+                        help="learning rates per variant or method (defaults: " + "; ".join(
+                            f"{m.name} {','.join(f'{x:g}' for x in m.learning_rate_grid)}" for m in methods.REGISTRY.values()) + ")")
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (each its own process)")
     parser.add_argument("--out-dir", default=os.path.join("runs", "results"),
                         help="where <name>.json, .md, -*.png and <name>/ntk/ go (default: %(default)s; the committed "
                              "results: benchmarks/results)")
     parser.add_argument("--work-dir", default=os.path.join("runs", "compare"), help="checkpoints and per-run results")
-    parser.add_argument("--ntk-adapter-max-params", type=int, default=None, metavar="N",
+    parser.add_argument("--ntk-adapter-max-params", type=non_negative_int, default=None, metavar="N",
                         help="copy to <out-dir>/<name>/ntk/ the best NTK variant (on validation) among those with at "
                              "most N trainable parameters besides the head (default: any)")
     parser.add_argument("--machine-note", default="", help="recorded with the results, e.g. 'shared 2-core CPU'")
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--eval-data", default=None)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--gguf-file", default=None)
-    parser.add_argument("--train-size", type=int, default=None)
-    parser.add_argument("--validation", type=float, default=None)
-    parser.add_argument("--epochs", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--head-lr", type=float, default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    add_data_arguments(parser)
+    # Exactly train's options, forwarded to every run when given (train's defaults otherwise).
+    add_run_arguments(parser)
+    parser.set_defaults(**dict.fromkeys(run_option_names()))
 
 
 def run_folder(args, label: str, seed: int) -> str:
@@ -156,13 +150,7 @@ def train_command(args, variant: Variant, rates: list[float], seed: int, folder:
         command += ["--config", *variant.config]
     if variant.init_from:
         command += ["--init-from", os.path.join(run_folder(args, variant.init_from, seed), "adapter")]
-    return command + forwarded_options(args, TRAIN_OPTIONS)
-
-
-def forwarded_options(args, names) -> list[str]:
-    """``--name value`` for each of ``names`` that is set in ``args``."""
-    return [word for name in names if getattr(args, name, None) is not None
-            for word in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+    return command + forwarded_options(args, run_option_names())
 
 
 def run_once(command: list[str], folder: str) -> dict:
@@ -260,9 +248,10 @@ def command_line(args) -> str:
     for name, value in vars(args).items():
         if name.startswith("_") or value is None:
             continue
-        values = value if isinstance(value, list) else [value]
-        if values:
-            words += ["--" + name.replace("_", "-"), *[str(v) for v in values]]
+        if isinstance(value, list):
+            words += ["--" + name.replace("_", "-"), *[str(v) for v in value]] if value else []
+        else:
+            words += forwarded_options(args, [name])
     return shlex.join(words)
 
 
@@ -287,7 +276,7 @@ def run(args) -> int:
         raise ValueError("--seeds needs at least one seed")
     record = {"name": args.name, "command": command_line(args),
               "machine": {**machine(), "note": args.machine_note},
-              "budget": {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name, None) is not None},
+              "budget": {name: getattr(args, name) for name in run_option_names() if getattr(args, name, None) is not None},
               "seeds": args.seeds, "lr_grid": grid,
               "selection": "learning rate and best epoch on a validation slice of the training data (first seed); "
                            "dev mean/std over seeds at that rate; std is the sample std (n-1)"}

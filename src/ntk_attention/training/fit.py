@@ -16,7 +16,10 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from . import data as D
+
 SAFE_WEIGHTS_NAME = "model.safetensors"  # the file Trainer reloads for non-PEFT models
+DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512}
 
 
 @dataclass
@@ -68,6 +71,13 @@ class MethodTrainer(transformers.Trainer):
             os.makedirs(output_dir, exist_ok=True)
             state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
             save_file(state, os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def encode(table, tokenizer, task: str, columns: D.Columns, max_length: int, source: str):
+    """``table`` tokenized as the Trainer's input for ``task``."""
+    if task == "classification":
+        return D.encode_classification(table, tokenizer, D.text_column(table, columns, source), columns.label, max_length)
+    return D.encode_causal(table, tokenizer, columns.prompt, columns.answer, max_length)
 
 
 def accuracy_metrics(prediction: transformers.EvalPrediction) -> dict:
