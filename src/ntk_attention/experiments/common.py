@@ -144,14 +144,21 @@ class InputSampler:
 # closed form, reference outputs and the error measure
 
 
+def prefix_share(input_log_mass: torch.Tensor, prefix_log_mass: torch.Tensor) -> torch.Tensor:
+    """Each row's share of the attention mass held by the prefix, ``c_P / (c_P + c_X)``, from
+    ``log c_X`` (the logsumexp of the row's scores over the input) and ``log c_P`` (over a real prefix
+    the same logsumexp, for NTK-Attention ``log(phi(q)^T k)``); stable however large either is."""
+    return torch.sigmoid(prefix_log_mass - input_log_mass)
+
+
 def prefix_mass_share(q: torch.Tensor, k: torch.Tensor, prefix_k: torch.Tensor, chunk: int = PREFIX_CHUNK) -> float:
-    """Mean over queries of the prefix's share of the softmax mass, ``c_P / (c_P + c_X)``."""
+    """Mean over queries of the share of the softmax mass held by the exact prefix ``prefix_k``."""
     scale = q.shape[-1] ** -0.5
     lse_x = torch.logsumexp(scale * q @ k.transpose(-1, -2), dim=-1)
     lse_p = torch.logsumexp(
         torch.stack([torch.logsumexp(scale * q @ c.transpose(-1, -2), dim=-1) for c in prefix_k.split(chunk, 1)]), 0
     )
-    return torch.sigmoid(lse_p - lse_x).mean().item()
+    return prefix_share(lse_x, lse_p).mean().item()
 
 
 def no_prefix_attention(q, k, v) -> torch.Tensor:
