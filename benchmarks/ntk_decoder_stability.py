@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ntk_attention import NTKConfig, get_ntk_model
+from ntk_attention.experiments.common import prefix_share
 from ntk_attention.io import write_json, write_text
 from ntk_attention.training.data import prompt_ids
 from ntk_attention.training.models import load_base, load_tokenizer
@@ -73,7 +74,7 @@ def attention_stats(layer, query, key, value, attention_mask, scale, out) -> dic
     lse = torch.logsumexp(scores, -1)
     kvec = layer.ntk_state()[1]
     c = (layer.feature_map(query, scale) @ kvec.unsqueeze(-1)).squeeze(-1).clamp_min(0)
-    share = c / (lse.exp() + c)
+    share = prefix_share(lse, c.log())
     delta = (out - torch.softmax(scores, -1) @ value).norm(dim=-1)
     return {"share0": share[..., 0].mean().item(), "share": share[..., 1:].mean().item(),
             "lse0": lse[..., 0].mean().item(), "lse_min": lse.min().item(),

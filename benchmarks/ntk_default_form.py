@@ -49,13 +49,20 @@ FORMS = {
 }
 
 
-def batches(tokenizer, rows: list[dict], size: int, max_length: int) -> list[dict]:
+def batches(tokenizer, rows: list[dict], size: int, max_length: int, whole_text: bool = False) -> list[dict]:
+    """Chat-template prompt, loss on the answer; ``whole_text``: plain ``question\nanswer``, loss on every token."""
     encoded = []
     for start in range(0, len(rows), size):
         ids, labels = [], []
         for row in rows[start:start + size]:
+            eos = [tokenizer.eos_token_id]
+            if whole_text:
+                text = tokenizer(row["question"] + "\n" + row["answer"], add_special_tokens=False)["input_ids"] + eos
+                ids.append(text[:max_length])
+                labels.append(text[:max_length])
+                continue
             head = prompt_ids(tokenizer, row["question"])
-            tail = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            tail = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + eos
             ids.append((head + tail)[:max_length])
             labels.append(([-100] * len(head) + tail)[:max_length])
         width = max(map(len, ids))
@@ -118,7 +125,7 @@ def run(form: str, lr: float, steps: int, base, train_batches, eval_batches, bas
 def markdown(record: dict) -> str:
     rates = record["lr"]
     lines = [f"SmolLM2-135M-Instruct, GSM8K: {record['steps']} AdamW steps (constant lr, batch {record['batch_size']}) on "
-             f"{record['train_rows']} training problems; answer loss on the next {record['eval_rows']} "
+             f"{record['train_rows']} training problems; loss ({record['loss_on']}) on the next {record['eval_rows']} "
              f"(untuned {record['untuned_eval_loss']:.3f}). Command: `{record['command']}`", "",
              "| form | params | start max abs logit change | " + " | ".join(f"lr {r:g}" for r in rates) + " |",
              "|---|---|---|" + "---|" * len(rates)]
@@ -142,6 +149,8 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=320)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"))
+    parser.add_argument("--whole-text", action="store_true",
+                        help="train and score on plain 'question\\nanswer' with the loss on every token")
     parser.add_argument("--out-dir", default="runs/ntk-default-form")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -150,8 +159,8 @@ def main() -> None:
     tokenizer = load_tokenizer(folder, GGUF)
     with open(args.data) as handle:
         rows = [json.loads(line) for _, line in zip(range(args.train_rows + args.eval_rows), handle)]
-    train_batches = batches(tokenizer, rows[:args.train_rows], args.batch_size, args.max_length)
-    eval_batches = batches(tokenizer, rows[args.train_rows:], args.batch_size, args.max_length)
+    train_batches = batches(tokenizer, rows[:args.train_rows], args.batch_size, args.max_length, args.whole_text)
+    eval_batches = batches(tokenizer, rows[args.train_rows:], args.batch_size, args.max_length, args.whole_text)
     base = load_base(folder, "causal-lm", gguf_file=GGUF)[0].eval()
     with torch.no_grad():
         base_logits = base(**eval_batches[0]).logits
@@ -161,6 +170,7 @@ def main() -> None:
                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
               "forms": args.forms, "lr": args.lr, "steps": args.steps, "batch_size": args.batch_size,
               "train_rows": args.train_rows, "eval_rows": args.eval_rows, "untuned_eval_loss": untuned,
+              "loss_on": "every token of question + answer" if args.whole_text else "answer tokens (chat template)",
               "threads": args.threads, "torch": torch.__version__, "results": []}
     out = Path(args.out_dir)
     for form in args.forms:

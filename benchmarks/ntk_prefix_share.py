@@ -18,18 +18,18 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ntk_attention import NTKConfig, get_ntk_model
+from ntk_attention.experiments.common import prefix_share
 from ntk_attention.training.data import load_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def prefix_share(layer, query, key, attention_mask, scale) -> float:
+def layer_prefix_share(layer, query, key, attention_mask, scale) -> float:
     scores = scale * query @ key.transpose(-1, -2)
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool else scores + attention_mask
-    input_mass = torch.logsumexp(scores, -1).exp()
     c = (layer.feature_map(query, scale) @ layer.ntk_state()[1].unsqueeze(-1)).squeeze(-1).clamp_min(0)
-    return (c / (input_mass + c)).mean().item()
+    return prefix_share(torch.logsumexp(scores, -1), c.log()).mean().item()
 
 
 def run(m: float, rows, tokenizer, model_dir: str, steps: int, lr: float) -> None:
@@ -40,7 +40,7 @@ def run(m: float, rows, tokenizer, model_dir: str, steps: int, lr: float) -> Non
 
     def record(layer, args, kwargs, out):
         with torch.no_grad():
-            shares.append(prefix_share(layer, args[0], args[1], kwargs["attention_mask"], kwargs["scale"]))
+            shares.append(layer_prefix_share(layer, args[0], args[1], kwargs["attention_mask"], kwargs["scale"]))
 
     for layer in model.adapter_layers():
         layer.register_forward_hook(record, with_kwargs=True)

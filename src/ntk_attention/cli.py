@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
 # (command words) -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("train",): ("ntk_attention.training.train", "fine-tune a model (ntk, prefix, lora, full, head) on HF Trainer"),
+    ("train",): ("ntk_attention.training.train", "fine-tune a model with one method (ntk, prefix, lora, ...: see --method) on HF Trainer"),
     ("eval",): ("ntk_attention.training.evaluate", "evaluate a saved adapter on a data file; prints JSON"),
     ("compare",): ("ntk_attention.training.compare", "run a grid of methods x learning rates x seeds; tables and plots"),
     ("bench", "op"): ("ntk_attention.bench.op", "operator speed and memory: NTK-Attention vs SDPA, naive, prefix"),
@@ -20,6 +21,32 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("experiment", "convergence"): ("ntk_attention.experiments.convergence", "ultra-long prefix training in the NTK regime"),
     ("experiment", "rank"): ("ntk_attention.experiments.rank", "low-rank Z and feature dimension: parameters against error"),
 }
+
+
+# Argument types shared by every command: a bad number is refused by the parser, naming the option,
+# before any data or model is loaded.
+
+
+def _number(text: str, kind, check, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (math.isfinite(value) and check(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a finite number > 0")
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:

@@ -175,3 +175,15 @@ def test_quick_keeps_what_the_user_set():
     args = argparse.Namespace(a=5, b=2, quick=True)
     apply_quick(args, add_arguments, {"a": 10, "b": 20})
     assert (args.a, args.b) == (5, 20)
+
+
+def test_prefix_share_is_the_direct_ratio_and_stable():
+    from ntk_attention.experiments.common import prefix_share
+
+    scores = torch.randn(3, 5, 7, dtype=torch.float64)
+    c = torch.rand(3, 5, dtype=torch.float64) * 4
+    c[0, 0] = 0  # an NTK row whose phi(q)^T k was clamped at 0 holds no prefix mass
+    direct = c / (c + scores.exp().sum(-1))
+    torch.testing.assert_close(prefix_share(torch.logsumexp(scores, -1), c.log()), direct)
+    huge = prefix_share(torch.tensor([800.0, -800.0]), torch.tensor([900.0, -900.0]))
+    assert torch.isfinite(huge).all() and huge[0] > 0.99 and huge[1] < 0.01

@@ -12,7 +12,7 @@ def run_cli(*argv) -> None:
 
 
 def test_approx_error_quick(tmp_path):
-    run_cli("experiment", "approx-error", "--quick", "--out", str(tmp_path))
+    run_cli("experiment", "approx-error", "--quick", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "approx_error.json").read_text())
     for name in ("approx_error.md", "approx_error_vs_m.png", "approx_error_vs_r.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -28,21 +28,21 @@ def test_approx_error_quick(tmp_path):
     assert summary[("uniform", "trained", "elu", 16)]["rel_error"] < summary[("uniform", "closed_form", "elu", 16)]["rel_error"]
     # --replot rebuilds the same summary from the saved rows without measuring
     (tmp_path / "approx_error.md").unlink()
-    run_cli("experiment", "approx-error", "--replot", "--out", str(tmp_path))
+    run_cli("experiment", "approx-error", "--replot", "--out-dir", str(tmp_path))
     assert "slope" in (tmp_path / "approx_error.md").read_text()
     assert json.loads((tmp_path / "approx_error.json").read_text())["summary"] == result["summary"]
 
 
 def test_replot_refuses_what_it_cannot_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the measurement first"):
-        main(["experiment", "approx-error", "--replot", "--out", str(tmp_path)])
+        main(["experiment", "approx-error", "--replot", "--out-dir", str(tmp_path)])
     (tmp_path / "approx_error.json").write_text('{"config": {}, "rows": [{"m": 4}]}')
     with pytest.raises(ValueError, match="row 0 lacks"):
-        main(["experiment", "approx-error", "--replot", "--out", str(tmp_path)])
+        main(["experiment", "approx-error", "--replot", "--out-dir", str(tmp_path)])
 
 
 def test_convergence_quick(tmp_path):
-    run_cli("experiment", "convergence", "--quick", "--out", str(tmp_path))
+    run_cli("experiment", "convergence", "--quick", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "convergence_gd.json").read_text())
     assert (tmp_path / "convergence_gd.png").stat().st_size > 0
     prefix = {r["m"]: r for r in result["runs"] if r["model"] == "prefix"}
@@ -54,7 +54,7 @@ def test_convergence_quick(tmp_path):
 
 
 def test_rank_quick(tmp_path):
-    run_cli("experiment", "rank", "--quick", "--out", str(tmp_path))
+    run_cli("experiment", "rank", "--quick", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "rank.json").read_text())
     assert (tmp_path / "rank.png").stat().st_size > 0
     d = result["config"]["head_dim"]
@@ -77,11 +77,23 @@ def test_rank_quick(tmp_path):
 )
 def test_bad_arguments(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
-        main(["experiment", *argv, "--quick", "--out", str(tmp_path)])
+        main(["experiment", *argv, "--quick", "--out-dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_bad_option_values_are_refused_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["experiment", "rank", "--m", "0", "--out", str(tmp_path)])
+        main(["experiment", "rank", "--m", "0", "--out-dir", str(tmp_path)])
     assert "expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_without_out_dir_results_go_under_runs_not_the_repository(tmp_path, monkeypatch):
+    """--quick once replaced the committed full-scale files in benchmarks/results/theory."""
+    committed = tmp_path / "benchmarks" / "results" / "theory" / "rank.json"
+    committed.parent.mkdir(parents=True)
+    committed.write_text("committed")
+    monkeypatch.chdir(tmp_path)
+    run_cli("experiment", "rank", "--quick")
+    assert (tmp_path / "runs" / "theory" / "rank.json").is_file()
+    assert committed.read_text() == "committed"
+    assert sorted(p.name for p in committed.parent.iterdir()) == ["rank.json"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import pytest
@@ -39,9 +40,41 @@ def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_ber
     (out / "tiny.json").unlink()
     assert cli.main(argv) == 0
     assert json.loads((out / "tiny.json").read_text())["methods"] == record["methods"]
-    # No NTK variant within the parameter limit: no adapter copied, the earlier copy removed.
-    assert cli.main(argv + ["--ntk-adapter-max-params", str(ntk["trainable_params_excl_head"] - 1)]) == 0
-    assert "best_ntk_variant" not in json.loads((out / "tiny.json").read_text()) and not (out / "tiny" / "ntk").exists()
+    # No NTK variant within the parameter limit: the copy of the earlier call is not this call's, and
+    # compare deletes nothing it did not write in the same call: refused, before anything is written.
+    copied = {p.name: p.read_bytes() for p in (out / "tiny" / "ntk").iterdir()}
+    (out / "tiny.json").unlink()
+    with pytest.raises(ValueError, match=r"tiny/ntk holds an adapter that is not.*none qualifies"):
+        cli.main(argv + ["--ntk-adapter-max-params", str(ntk["trainable_params_excl_head"] - 1)])
+    assert {p.name: p.read_bytes() for p in (out / "tiny" / "ntk").iterdir()} == copied
+    assert not (out / "tiny.json").exists()
+
+
+def test_compare_never_removes_an_adapter_it_did_not_write(tmp_path):
+    """`compare` with its defaults once ended with shutil.rmtree of the committed shipped adapter."""
+    from ntk_attention.training.compare import Variant, write_results
+
+    run = tmp_path / "work" / "ntk" / "seed0" / "adapter"
+    run.mkdir(parents=True)
+    (run / "adapter_model.safetensors").write_bytes(b"new")
+    committed = tmp_path / "results" / "sst2-minilm" / "ntk"
+    committed.mkdir(parents=True)
+    (committed / "adapter_model.safetensors").write_bytes(b"committed")
+    summary = {"trainable_params_excl_head": 10, "learning_rate": 1e-3, "validation_grid": {"0.001": 0.5},
+               "dev_accuracy": 0.5, "adapter": str(run)}
+    record = {"methods": {"ntk": summary}}
+    with pytest.raises(ValueError, match="does not delete what it did not write"):
+        write_results(str(tmp_path / "results"), "sst2-minilm", record, [Variant("ntk", "ntk")])
+    assert (committed / "adapter_model.safetensors").read_bytes() == b"committed"
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["sst2-minilm"]  # nothing else written
+
+
+def test_compare_writes_under_runs_by_default():
+    from ntk_attention.cli import build_parser
+
+    parser, rest = build_parser(["compare"])
+    args = parser.parse_args(rest)
+    assert args.out_dir == os.path.join("runs", "results") and args.work_dir == os.path.join("runs", "compare")
 
 
 def test_ntk_variant_starts_from_each_seeds_prefix_adapter(tmp_path, tiny_bert, sst_files):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from ntk_attention import cli
 from ntk_attention.training import models as M
-from ntk_attention.training.train import parse_options
+from ntk_attention.training.methods import build_method_model
+from ntk_attention.training.options import parse_options
 from training_helpers import train_args
 
 # method -> (extra arguments, parameters of the method itself (without the head) for the tiny BERT:
@@ -140,7 +141,7 @@ def test_eval_rejects_a_folder_without_a_run_record(tmp_path, sst_files):
 
 def test_saved_folder_is_replaced_whole(tmp_path, tiny_bert):
     base, head = M.load_base(tiny_bert, "classification", num_labels=2)
-    model = M.build_method_model(base, "head", None, head)
+    model = build_method_model(base, "head", None, head)
     folder = tmp_path / "adapter"
     folder.mkdir()
     (folder / "stale.txt").write_text("from an older run")

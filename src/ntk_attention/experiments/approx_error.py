@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import ntk_attention, prefix_attention, prefix_to_ntk
+from ..cli import non_negative_int, positive_float, positive_int
 from .common import (
     apply_quick,
     INPUT_KINDS,
@@ -35,8 +36,6 @@ from .common import (
     new_figure,
     no_prefix_attention,
     parse_feature_map,
-    positive_float,
-    positive_int,
     prefix_effect_error,
     prefix_mass_share,
     run_config,
@@ -61,13 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma", type=positive_float, default=0.5, help="entry std of the 'gaussian' inputs")
     parser.add_argument("--trials", type=positive_int, default=3, help="independent prefixes (and inputs) per point")
     parser.add_argument("--batch", type=positive_int, default=4, help="held-out input sequences per trial")
-    parser.add_argument("--train-steps", type=int, default=300, help="Adam steps for the trained (Z, k); 0 skips")
+    parser.add_argument("--train-steps", type=non_negative_int, default=300, help="Adam steps for the trained (Z, k); 0 skips")
     parser.add_argument("--train-lr", type=positive_float, default=0.01)
     parser.add_argument("--train-prefix-lengths", type=int, nargs="+", default=[2, 16, 128, 1024, 8192, 65536],
                         help="the m at which (Z, k) is also trained (a fit at m = 2^16 takes about a minute on one CPU core)")
-    parser.add_argument("--train-trials", type=int, default=1, help="trials (of --trials) that also train (Z, k)")
+    parser.add_argument("--train-trials", type=non_negative_int, default=1, help="trials (of --trials) that also train (Z, k)")
     parser.add_argument("--replot", action="store_true",
-                        help="measure nothing: rebuild the table and plots from approx_error.json in --out")
+                        help="measure nothing: rebuild the table and plots from approx_error.json in --out-dir")
     add_output_arguments(parser)
 
 
@@ -79,15 +78,16 @@ def run(args: argparse.Namespace) -> int:
 def experiment(args: argparse.Namespace) -> dict:
     """Measure (or, with ``--replot``, reload), save and return ``{"config", "rows", "summary"}``."""
     if args.replot:
-        config, rows = load_rows(args.out / "approx_error.json")
-        args = argparse.Namespace(**{**config, "out": args.out})
+        config, rows = load_rows(args.out_dir / "approx_error.json")
+        config.pop("out", None)  # files written before the option was --out-dir
+        args = argparse.Namespace(**{**config, "out_dir": args.out_dir})
     else:
         apply_quick(args, add_arguments, QUICK)
         args.prefix_lengths = check_prefix_lengths(args.prefix_lengths)
         rows = measure(args, [parse_feature_map(spec) for spec in args.feature_maps])
     summary = summarise(rows)
     result = {"config": run_config(args), "rows": rows, "summary": summary}
-    save_outputs(args.out / "approx_error", result, table(summary, args),
+    save_outputs(args.out_dir / "approx_error", result, table(summary, args),
                  {"_vs_m": plot_vs_m(summary), "_vs_r": plot_vs_r(summary)})
     return result
 

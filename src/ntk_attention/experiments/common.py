@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import io
-from ..io import write_json, write_text
+from ..io import save_figure, write_json, write_text
 from ..ops import FeatureMap, get_feature_map, ntk_attention, prefix_attention
 
-DEFAULT_OUT = Path("benchmarks/results/theory")
+DEFAULT_OUT = Path("runs/theory")  # never the repository's committed results unless named
 INPUT_KINDS = ("uniform", "projected", "gaussian")
 PREFIX_CHUNK = 4096  # prefix rows per step when scoring a long prefix
 
@@ -28,22 +27,9 @@ PREFIX_CHUNK = 4096  # prefix rows per step when scoring a long prefix
 # arguments
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT,
+                        help=f"output folder (default {DEFAULT_OUT}; the committed results: benchmarks/results/theory)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--quick", action="store_true", help="a small run (seconds) for CI and smoke tests")
 
@@ -158,14 +144,21 @@ class InputSampler:
 # closed form, reference outputs and the error measure
 
 
+def prefix_share(input_log_mass: torch.Tensor, prefix_log_mass: torch.Tensor) -> torch.Tensor:
+    """Each row's share of the attention mass held by the prefix, ``c_P / (c_P + c_X)``, from
+    ``log c_X`` (the logsumexp of the row's scores over the input) and ``log c_P`` (over a real prefix
+    the same logsumexp, for NTK-Attention ``log(phi(q)^T k)``); stable however large either is."""
+    return torch.sigmoid(prefix_log_mass - input_log_mass)
+
+
 def prefix_mass_share(q: torch.Tensor, k: torch.Tensor, prefix_k: torch.Tensor, chunk: int = PREFIX_CHUNK) -> float:
-    """Mean over queries of the prefix's share of the softmax mass, ``c_P / (c_P + c_X)``."""
+    """Mean over queries of the share of the softmax mass held by the exact prefix ``prefix_k``."""
     scale = q.shape[-1] ** -0.5
     lse_x = torch.logsumexp(scale * q @ k.transpose(-1, -2), dim=-1)
     lse_p = torch.logsumexp(
         torch.stack([torch.logsumexp(scale * q @ c.transpose(-1, -2), dim=-1) for c in prefix_k.split(chunk, 1)]), 0
     )
-    return torch.sigmoid(lse_p - lse_x).mean().item()
+    return prefix_share(lse_x, lse_p).mean().item()
 
 
 def no_prefix_attention(q, k, v) -> torch.Tensor:
@@ -283,11 +276,14 @@ def save_text(path: Path, text: str) -> None:
 def save_outputs(stem: Path, result: dict, text: str, figures: dict) -> None:
     """Write ``stem.json`` (the result), ``stem.md`` (the table) and ``stem{suffix}.png`` for each
     ``{suffix: figure}``; print the table."""
+    import matplotlib.pyplot as plt
+
     stem = Path(stem)
     save_json(stem.with_suffix(".json"), result)
     save_text(stem.with_suffix(".md"), text)
     for suffix, fig in figures.items():
-        save_figure(fig, stem.parent / f"{stem.name}{suffix}.png")
+        save_figure(stem.parent / f"{stem.name}{suffix}.png", fig)
+        plt.close(fig)
     print(text)
     print(f"wrote {stem}.json, .md and {len(figures)} figure(s) in {stem.parent}")
 
@@ -295,13 +291,6 @@ def save_outputs(stem: Path, result: dict, text: str, figures: dict) -> None:
 def run_config(args: argparse.Namespace) -> dict:
     """The options of a run, JSON-able, for the result file."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
-
-
-def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    io.save_figure(path, fig)
-    plt.close(fig)
 
 
 def new_figure(ncols: int, width: float = 5.0, height: float = 4.0):

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .. import ntk_attention, prefix_attention, prefix_to_ntk
+from ..cli import positive_float, positive_int
 from .common import (
     apply_quick,
     InputSampler,
@@ -34,8 +35,6 @@ from .common import (
     markdown_table,
     new_figure,
     parse_feature_map,
-    positive_float,
-    positive_int,
     run_config,
     save_outputs,
 )
@@ -149,7 +148,7 @@ def experiment(args: argparse.Namespace) -> dict:
         runs.append({"model": f"ntk {feature_map_label(fmap)}", "m": m_max, "params": r * d + r, "curve": curve,
                      "final_loss": curve[-1]})
     result = {"config": run_config(args), "runs": runs}
-    save_outputs(args.out / f"convergence_{args.optimizer}", result, table(runs, args),
+    save_outputs(args.out_dir / f"convergence_{args.optimizer}", result, table(runs, args),
                  {"": plot(runs)})
     return result
 

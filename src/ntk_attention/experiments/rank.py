@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .. import ntk_attention, prefix_attention, prefix_to_ntk
+from ..cli import non_negative_int, positive_float, positive_int
 from .common import (
     apply_quick,
     INPUT_KINDS,
@@ -29,8 +30,6 @@ from .common import (
     new_figure,
     no_prefix_attention,
     parse_feature_map,
-    positive_float,
-    positive_int,
     prefix_effect_error,
     run_config,
     save_outputs,
@@ -51,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="elu, taylor[:degree], random:num_features")
     parser.add_argument("--inputs", choices=INPUT_KINDS, default="projected", help="input distribution")
     parser.add_argument("--batch", type=positive_int, default=4, help="held-out input sequences")
-    parser.add_argument("--train-steps", type=int, default=300, help="Adam steps for the trained Z_A, Z_B, k; 0 skips")
+    parser.add_argument("--train-steps", type=non_negative_int, default=300, help="Adam steps for the trained Z_A, Z_B, k; 0 skips")
     parser.add_argument("--train-lr", type=positive_float, default=0.01)
     add_output_arguments(parser)
 
@@ -107,7 +106,7 @@ def experiment(args: argparse.Namespace) -> dict:
                 rows.append({"feature_map": label, "r": r, "rank": s, "method": "trained", "params": params,
                              **prefix_effect_error(out, exact, no_prefix)})
     result = {"config": run_config(args), "prefix_params": 2 * m * d, "rows": rows}
-    save_outputs(args.out / "rank", result, table(rows, args), {"": plot(rows, 2 * m * d)})
+    save_outputs(args.out_dir / "rank", result, table(rows, args), {"": plot(rows, 2 * m * d)})
     return result
 
 

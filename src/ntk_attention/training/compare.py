@@ -16,14 +16,17 @@ With ``--suite FILE`` the task, data, model, budget, variants, grids and seeds c
 ``--seeds`` and ``--only LABEL ...`` may be set beside it. ``<out-dir>/suite.json`` then sums up
 every suite result in ``<out-dir>``.
 
-Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``;
-the adapter of the best NTK variant (first seed, by validation score) is copied to
-``<out-dir>/<name>/ntk/``.
+Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``
+(``--out-dir`` defaults to ``runs/results``, never the repository); the adapter of the best NTK
+variant (first seed, by validation score) is copied to ``<out-dir>/<name>/ntk/``. A folder already
+there is kept when it holds that same adapter and refused otherwise: compare deletes nothing it did
+not write in the same call.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import platform
@@ -32,29 +35,26 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .models import METHODS
-from .train import add_data_arguments, parse_options
+from ..cli import non_negative_int, positive_int
 from ..io import save_figure, write_json, write_text
+from . import methods
+from .options import add_run_arguments, forwarded_options, parse_options, run_option_names
 
 BASE = "base"  # the untuned model, scored but not trained
-DEFAULT_GRID = {BASE: [], "head": [3e-3, 1e-2, 3e-2], "ntk": [3e-4, 1e-3, 3e-3], "prefix": [3e-3, 1e-2, 3e-2],
-                "lora": [3e-4, 1e-3, 3e-3], "full": [2e-5, 5e-5, 1e-4]}
-DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
-                    "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
-TRAIN_OPTIONS = ("data", "eval_data", "task", "metric", "model", "gguf_file", "train_size", "validation", "epochs",
-                 "batch_size", "head_lr", "text_column", "text_pair_column", "label_column", "prompt_field",
-                 "answer_field", "max_length", "eval_size", "max_new_tokens", "generate_size", "generate_batch_size",
-                 "threads")
+VARIANT_METHODS = methods.NAMES + (BASE,)
 # what a suite file fixes; with --suite these options are refused on the command line
 SUITE_OPTIONS = ("name", "variants", "lr_grid", "data", "eval_data", "task", "metric", "model", "gguf_file",
                  "train_size", "validation", "epochs", "batch_size", "head_lr", "text_column", "text_pair_column",
                  "max_length", "eval_size", "max_new_tokens", "generate_size", "generate_batch_size",
                  "ntk_adapter_max_params")
 SCORE_NAMES = ("accuracy", "mcc", "perplexity", "exact_match", "loss")
+DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
+                    "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
 
 
 @dataclass
@@ -80,8 +80,8 @@ def parse_variant(spec: str) -> Variant:
         raise ValueError(f"--variants {spec!r}: a spec with keys needs a label first, LABEL=METHOD:KEY=VALUE "
                          f"(e.g. {label.split(':')[0]}={spec})")
     method, *items = rest.split(":")
-    if method not in METHODS + (BASE,):
-        raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {METHODS + (BASE,)}")
+    if method not in VARIANT_METHODS:
+        raise ValueError(f"--variants {spec!r}: unknown method {method!r}; expected one of {VARIANT_METHODS}")
     if not label or "/" in label:
         raise ValueError(f"--variants {spec!r}: the label must be a plain name")
     own = dict(item.split("=", 1) for item in items if item.partition("=")[0] in VARIANT_KEYS)
@@ -106,9 +106,13 @@ def check_starts(variants: list[Variant]) -> None:
         seen[variant.label] = variant.method
 
 
+def default_grid(method: str) -> list[float]:
+    return [] if method == BASE else list(methods.get_method(method).learning_rate_grid)
+
+
 def parse_grid(specs: list[str], variants: list[Variant]) -> dict[str, list[float]]:
     """Learning-rate grid per variant: method defaults, overridden by ``LABEL_OR_METHOD=lr,lr``."""
-    grid = {v.label: DEFAULT_GRID[v.method] for v in variants}
+    grid = {v.label: default_grid(v.method) for v in variants}
     for spec in specs:
         key, sep, values = spec.partition("=")
         targets = [v.label for v in variants if key in (v.label, v.method)]
@@ -135,31 +139,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", default=None, metavar="SPEC",
                         help="METHOD or LABEL=METHOD:KEY=VALUE:... (default: " + " ".join(DEFAULT_VARIANTS) + ")")
     parser.add_argument("--lr-grid", nargs="+", default=[], metavar="VARIANT=LR,LR",
-                        help="learning rates per variant or method (defaults: " + "; ".join(f"{k} {','.join(f'{x:g}' for x in v)}" for k, v in DEFAULT_GRID.items()) + ")")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the suite's, else 0 1 2")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
-    parser.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
+                        help="learning rates per variant or method (defaults: " + "; ".join(
+                            f"{m.name} {','.join(f'{x:g}' for x in m.learning_rate_grid)}" for m in methods.REGISTRY.values()) + ")")
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=None, help="default: the suite's, else 0 1 2")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (each its own process)")
+    parser.add_argument("--out-dir", default=os.path.join("runs", "results"),
+                        help="where <name>.json, .md, -*.png and <name>/ntk/ go (default: %(default)s; the committed "
+                             "results: benchmarks/results)")
     parser.add_argument("--work-dir", default=os.path.join("runs", "compare"), help="checkpoints and per-run results")
-    parser.add_argument("--ntk-adapter-max-params", type=int, default=None, metavar="N",
+    parser.add_argument("--ntk-adapter-max-params", type=non_negative_int, default=None, metavar="N",
                         help="copy to <out-dir>/<name>/ntk/ the best NTK variant (on validation) among those with at "
                              "most N trainable parameters besides the head (default: any)")
     parser.add_argument("--machine-note", default="", help="recorded with the results, e.g. 'shared 2-core CPU'")
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--eval-data", default=None)
-    parser.add_argument("--task", default=None, choices=("classification", "causal-lm", "language-modeling"))
-    parser.add_argument("--metric", default=None, choices=("accuracy", "mcc", "loss"),
-                        help="what picks each run's learning rate and epoch on its validation slice (train's --metric)")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--gguf-file", default=None)
-    parser.add_argument("--train-size", type=int, default=None)
-    parser.add_argument("--validation", type=float, default=None)
-    parser.add_argument("--epochs", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--head-lr", type=float, default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    add_data_arguments(parser)
-    # None = not given: train then applies its own defaults, and --suite can tell what was set beside it
-    parser.set_defaults(max_new_tokens=None, generate_batch_size=None)
+    # Exactly train's options, forwarded to every run when given (train's defaults otherwise).
+    add_run_arguments(parser)
+    parser.set_defaults(**dict.fromkeys(run_option_names()))
 
 
 def run_folder(args, label: str, seed: int) -> str:
@@ -174,13 +168,7 @@ def train_command(args, variant: Variant, rates: list[float], seed: int, folder:
         command += ["--config", *variant.config]
     if variant.init_from:
         command += ["--init-from", os.path.join(run_folder(args, variant.init_from, seed), "adapter")]
-    return command + forwarded_options(args, TRAIN_OPTIONS)
-
-
-def forwarded_options(args, names) -> list[str]:
-    """``--name value`` for each of ``names`` that is set in ``args``."""
-    return [word for name in names if getattr(args, name, None) is not None
-            for word in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+    return command + forwarded_options(args, run_option_names())
 
 
 def run_once(command: list[str], folder: str) -> dict:
@@ -284,9 +272,10 @@ def command_line(args) -> str:
     for name, value in vars(args).items():
         if name.startswith("_") or value is None:
             continue
-        values = value if isinstance(value, list) else [value]
-        if values:
-            words += ["--" + name.replace("_", "-"), *[str(v) for v in values]]
+        if isinstance(value, list):
+            words += ["--" + name.replace("_", "-"), *[str(v) for v in value]] if value else []
+        else:
+            words += forwarded_options(args, [name])
     return shlex.join(words)
 
 
@@ -357,7 +346,7 @@ def run(args) -> int:
         raise ValueError("--seeds needs at least one seed")
     record = {"name": args.name, "command": command_line(args),
               "machine": {**machine(), "note": args.machine_note},
-              "budget": {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name, None) is not None},
+              "budget": {name: getattr(args, name) for name in run_option_names() if getattr(args, name, None) is not None},
               "seeds": args.seeds, "lr_grid": grid,
               "selection": "learning rate and best epoch on a validation slice of the training data (first seed); "
                            "dev mean/std over seeds at that rate; std is the sample std (n-1)"}
@@ -389,20 +378,47 @@ def reported_metric(record: dict) -> tuple[str, bool]:
 
 
 def write_results(out_dir: str, name: str, record: dict, variants: list[Variant], max_params: int | None = None) -> None:
-    os.makedirs(out_dir, exist_ok=True)
     ntk = [v.label for v in variants if v.method == "ntk"
            and (max_params is None or record["methods"][v.label]["trainable_params_excl_head"] <= max_params)]
     target = os.path.join(out_dir, name, "ntk")
-    shutil.rmtree(target, ignore_errors=True)  # a copy from an earlier call may no longer be the best
-    if ntk:
-        best = max(ntk, key=lambda label: validation_score(record["methods"][label]))
+    best = max(ntk, key=lambda label: validation_score(record["methods"][label])) if ntk else None
+    source = record["methods"][best]["adapter"] if best else None
+    # Checked before anything is written, so the JSON never names an adapter the folder does not hold.
+    if os.path.exists(target) and (source is None or not same_files(source, target)):
+        raise ValueError(f"{target} holds an adapter that is not this comparison's best NTK variant "
+                         f"({best or 'none qualifies'}); compare does not delete what it did not write in this "
+                         "call: move it away or choose another --out-dir / --name")
+    os.makedirs(out_dir, exist_ok=True)
+    if best:
         record["best_ntk_variant"] = best
-        shutil.copytree(record["methods"][best]["adapter"], target)
+        if not os.path.exists(target):
+            copy_folder(source, target)
     write_json(os.path.join(out_dir, f"{name}.json"), record)
     table = markdown_table(record)
     write_text(os.path.join(out_dir, f"{name}.md"), table)
     plot(record, os.path.join(out_dir, name))
     print(table)
+
+
+def same_files(a: str, b: str) -> bool:
+    """Both folders hold the same file names with the same bytes."""
+    names = sorted(os.listdir(a))
+    if not os.path.isdir(b) or sorted(os.listdir(b)) != names:
+        return False
+    return all(filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)
+
+
+def copy_folder(source: str, target: str) -> None:
+    """Copy into a hidden folder beside ``target``, then rename it into place: never half a copy."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".copying-", dir=parent)
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def validation_score(summary: dict) -> float:

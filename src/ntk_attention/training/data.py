@@ -127,7 +127,8 @@ def text_column(table: datasets.Dataset, columns: Columns, source: str) -> str:
 
 
 def check_classification(table: datasets.Dataset, columns: Columns, source: str, num_labels: int | None = None) -> int:
-    """Check the label column holds integers in 0 .. num_labels-1; return num_labels (inferred if None)."""
+    """Check the label column holds integers in 0 .. num_labels-1; return num_labels. When it is None,
+    it is the largest label + 1 and every class below it must occur."""
     if columns.label not in table.column_names:
         raise ValueError(f"data {source!r} has no label column {columns.label!r} (columns: {table.column_names})")
     text_column(table, columns, source)
@@ -141,11 +142,19 @@ def check_classification(table: datasets.Dataset, columns: Columns, source: str,
             )
         labels.append(label)
     found = max(labels) + 1
-    if num_labels is None:
-        return max(found, 2)
-    if found > num_labels:
-        raise ValueError(f"data {source!r}: label {found - 1} is outside the model's {num_labels} classes")
-    return num_labels
+    if num_labels is not None:
+        if found > num_labels:
+            raise ValueError(f"data {source!r}: label {found - 1} is outside the model's {num_labels} classes")
+        return num_labels
+    # Without --num-labels the classes are 0 .. max: a stray label 7 in binary data would make 8.
+    absent = sorted(set(range(found)) - set(labels))
+    if absent or found < 2:
+        shown = ", ".join(map(str, absent[:10])) + (", ..." if len(absent) > 10 else "")
+        problem = f"classes {shown} never occur" if absent else "only class 0 occurs"
+        raise ValueError(f"data {source!r}: labels in column {columns.label!r} must be 0 .. K-1 with every class "
+                         f"present, but the largest is {found - 1} and {problem}; fix the labels, or give "
+                         "--num-labels K when some classes are absent on purpose")
+    return found
 
 
 def _as_int(value) -> int | None:

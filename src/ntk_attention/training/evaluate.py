@@ -20,11 +20,12 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from ..cli import positive_int
 from ..io import write_json, write_jsonl
 from . import data as D
 from . import models as M
-from .fit import FitSettings, make_trainer, peak_rss_mb, score
-from .train import DEFAULT_MAX_LENGTH, add_data_arguments, encode
+from .fit import DEFAULT_MAX_LENGTH, FitSettings, encode, make_trainer, peak_rss_mb, score
+from .options import add_data_arguments
 
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=("causal-lm", "language-modeling"), default="causal-lm",
                         help="with --model: what to score (language-modeling: perplexity over blocks of --max-length)")
     parser.add_argument("--data", required=True, help=".tsv/.csv/.jsonl/.json file or hub NAME[:CONFIG]:SPLIT")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--result-json", default=None, help="also write the JSON object to this file")
     parser.add_argument("--predictions", default=None, metavar="FILE.jsonl",
                         help="causal LM: write each generated answer, its final number and the reference's")

@@ -17,7 +17,11 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from . import data as D
+
 SAFE_WEIGHTS_NAME = "model.safetensors"  # the file Trainer reloads for non-PEFT models
+DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512, "language-modeling": 256}
+SCORES = ("accuracy", "mcc", "loss")  # what evaluation reports; perplexity follows from the loss
 
 
 @dataclass
@@ -74,7 +78,14 @@ class MethodTrainer(transformers.Trainer):
             save_file(state, os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-SCORES = ("accuracy", "mcc", "loss")  # what evaluation reports; perplexity follows from the loss
+def encode(table, tokenizer, task: str, columns: D.Columns, max_length: int, source: str):
+    """``table`` tokenized as the Trainer's input for ``task``."""
+    if task == "classification":
+        return D.encode_classification(table, tokenizer, D.text_column(table, columns, source), columns.label, max_length,
+                                       columns.text_pair)
+    if task == "language-modeling":
+        return D.encode_blocks(table, tokenizer, D.text_column(table, columns, source), max_length)
+    return D.encode_causal(table, tokenizer, columns.prompt, columns.answer, max_length)
 
 
 def classification_metrics(prediction: transformers.EvalPrediction) -> dict:

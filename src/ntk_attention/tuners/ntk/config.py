@@ -78,6 +78,10 @@ class NTKConfig(AdapterConfig):
     """
 
     method = "ntk"
+    # Training defaults read by ntk-attn train / compare. The state is scaled by virtual_prefix_length
+    # (default 32), so LoRA-like rates suit it (benchmarks/results/sst2-minilm-scale.md).
+    default_learning_rate = 1e-3
+    learning_rate_grid = (3e-4, 1e-3, 3e-3)
 
     feature_map: str = "elu"
     num_features: int | None = None

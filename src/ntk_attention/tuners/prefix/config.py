@@ -17,6 +17,9 @@ class PrefixConfig(AdapterConfig):
     """
 
     method = "prefix"
+    # Training defaults read by ntk-attn train / compare.
+    default_learning_rate = 3e-2
+    learning_rate_grid = (3e-3, 1e-2, 3e-2)
 
     num_virtual_tokens: int = 16
     init_std: float = 0.02

@@ -1,0 +1,128 @@
+"""The training methods of ``ntk-attn train`` / ``compare``, in one registry.
+
+Each method says how its config is made from ``--config key=value`` fields (or that it takes none),
+how a loaded base model becomes trainable, and its default learning rate and learning-rate grid.
+``ntk`` and ``prefix`` read their defaults from their config classes (``NTKConfig`` /
+``PrefixConfig``), so a tuner method keeps its training defaults beside its fields.
+
+Head policy, the same for every method: on a classification task the freshly initialised head
+always trains (``head_modules``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..tuners import NTKConfig, PrefixConfig
+
+
+@dataclass(frozen=True)
+class TrainingMethod:
+    name: str
+    summary: str
+    default_learning_rate: float
+    learning_rate_grid: tuple[float, ...]
+    # (task, options) -> config; None: the method takes no config fields
+    make_config: Callable[[str, dict], object] | None
+    # (base model, config, head module names, gguf file) -> the trainable model
+    build: Callable[[torch.nn.Module, object, list[str], str | None], torch.nn.Module]
+
+    @property
+    def takes_config(self) -> bool:
+        return self.make_config is not None
+
+
+def _config_from_fields(config_class, method: str, options: dict):
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown {method} config field(s) {unknown}; known fields: {sorted(known)}")
+    return config_class(**options)
+
+
+def _with_heads(config, head_modules: list[str]):
+    config = copy.deepcopy(config)
+    config.modules_to_save = sorted(set(config.modules_to_save or []) | set(head_modules))
+    return config
+
+
+def _lora_config(task: str, options: dict):
+    """r=8 on PEFT's per-architecture targets (query/value for BERT, q_proj/v_proj for Llama)."""
+    import peft
+
+    defaults = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
+    task_type = peft.TaskType.SEQ_CLS if task == "classification" else peft.TaskType.CAUSAL_LM
+    return _config_from_fields(peft.LoraConfig, "lora", {**defaults, **options, "task_type": task_type})
+
+
+def _build_lora(base, config, head_modules, gguf_file):
+    import peft
+
+    return peft.get_peft_model(base, _with_heads(config, head_modules))
+
+
+def _build_adapter(base, config, head_modules, gguf_file):
+    from ..tuners import get_ntk_model
+
+    config = _with_heads(config, head_modules)
+    config.task_type = "SEQ_CLS" if head_modules else "CAUSAL_LM" if base.can_generate() else None
+    config.gguf_file = gguf_file
+    return get_ntk_model(base, config)
+
+
+def _build_full(base, config, head_modules, gguf_file):
+    return base.requires_grad_(True)
+
+
+def _build_head(base, config, head_modules, gguf_file):
+    base.requires_grad_(False)
+    for name in head_modules:
+        base.get_submodule(name).requires_grad_(True)
+    return base
+
+
+def _tuner(config_class, summary: str) -> TrainingMethod:
+    return TrainingMethod(config_class.method, summary, config_class.default_learning_rate,
+                          tuple(config_class.learning_rate_grid),
+                          lambda task, options: _config_from_fields(config_class, config_class.method, options),
+                          _build_adapter)
+
+
+REGISTRY: dict[str, TrainingMethod] = {method.name: method for method in (
+    _tuner(NTKConfig, "NTK-Attention (NTKConfig fields)"),
+    _tuner(PrefixConfig, "exact prefix tuning (PrefixConfig fields)"),
+    TrainingMethod("lora", "PEFT LoRA (peft.LoraConfig fields)", 1e-3, (3e-4, 1e-3, 3e-3), _lora_config, _build_lora),
+    TrainingMethod("full", "every weight", 5e-5, (2e-5, 5e-5, 1e-4), None, _build_full),
+    # the head learns too slowly at 1e-3 on small budgets
+    TrainingMethod("head", "the new classification head only", 1e-2, (3e-3, 1e-2, 3e-2), None, _build_head),
+)}
+NAMES = tuple(REGISTRY)
+
+
+def get_method(name: str) -> TrainingMethod:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; expected one of {NAMES}")
+    return REGISTRY[name]
+
+
+def method_config(name: str, task: str, options: dict):
+    """The config object for method ``name`` with ``options`` (from ``--config key=value``) applied."""
+    method = get_method(name)
+    if method.make_config is None:
+        if options:
+            raise ValueError(f"method {name!r} takes no --config options, got {sorted(options)}")
+        if name == "head" and task != "classification":
+            raise ValueError("method 'head' trains a classification head; it needs a classification task")
+        return None
+    return method.make_config(task, options)
+
+
+def build_method_model(base: torch.nn.Module, name: str, config, head_modules: list[str],
+                       gguf_file: str | None = None) -> torch.nn.Module:
+    """Wrap or freeze ``base`` for method ``name``; the head modules train in every method."""
+    return get_method(name).build(base, config, head_modules, gguf_file)

@@ -1,0 +1,62 @@
+"""One registry of training methods and one declaration of train's options, read by train, compare
+and the CLI help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from ntk_attention.cli import build_parser
+from ntk_attention.training import methods
+from ntk_attention.training.compare import default_grid, parse_variant, train_command
+from ntk_attention.training.options import run_option_names
+from ntk_attention.tuners import NTKConfig, PrefixConfig
+
+
+def test_registry_defaults_come_from_the_config_classes():
+    assert methods.NAMES == ("ntk", "prefix", "lora", "full", "head")
+    for config_class in (NTKConfig, PrefixConfig):
+        method = methods.get_method(config_class.method)
+        assert method.default_learning_rate == config_class.default_learning_rate
+        assert method.learning_rate_grid == tuple(config_class.learning_rate_grid)
+        assert method.takes_config
+    assert {name: (m.default_learning_rate, m.learning_rate_grid) for name, m in methods.REGISTRY.items()} == {
+        "ntk": (1e-3, (3e-4, 1e-3, 3e-3)), "prefix": (3e-2, (3e-3, 1e-2, 3e-2)), "lora": (1e-3, (3e-4, 1e-3, 3e-3)),
+        "full": (5e-5, (2e-5, 5e-5, 1e-4)), "head": (1e-2, (3e-3, 1e-2, 3e-2))}
+    assert not methods.get_method("full").takes_config and default_grid("lora") == [3e-4, 1e-3, 3e-3]
+
+
+def test_train_reads_the_registry(capsys):
+    parser, _ = build_parser(["train"])
+    text = parser.format_help()
+    for method in methods.REGISTRY.values():
+        assert f"{method.name} {method.default_learning_rate:g}" in text
+    compare, _ = build_parser(["compare"])
+    assert "prefix 0.003,0.01,0.03" in compare.format_help()
+
+
+def test_compare_forwards_exactly_trains_options(tmp_path):
+    """Every option compare takes from train is passed on when given, and nothing when not."""
+    train, _ = build_parser(["train"])
+    compare, _ = build_parser(["compare"])
+    train_dests = set(vars(train.parse_args([]))) - {"_run"}
+    assert set(run_option_names()) <= train_dests and set(run_option_names()) <= set(vars(compare.parse_args([])))
+    # train's own options are the method, its learning rates, the seed and the output
+    assert train_dests - set(run_option_names()) == {"method", "config", "init_from", "lr", "seed", "output_dir",
+                                                     "resume", "result_json"}
+    args = compare.parse_args([])
+    bare = train_command(args, parse_variant("ntk"), [1e-3], 0, str(tmp_path))
+    assert not set(bare) & {"--" + name.replace("_", "-") for name in run_option_names()}
+    given = ["--num-labels", "3", "--split-seed", "4", "--no-group-by-length", "--task", "classification",
+             "--epochs", "0.5", "--max-length", "64"]
+    command = train_command(compare.parse_args(given), parse_variant("ntk"), [1e-3], 0, str(tmp_path))
+    forwarded = train.parse_args(command[command.index("train") + 1:])
+    assert (forwarded.num_labels, forwarded.split_seed, forwarded.group_by_length, forwarded.epochs,
+            forwarded.task, forwarded.max_length) == (3, 4, False, 0.5, "classification", 64)
+
+
+def test_evaluate_does_not_import_train():
+    """The import cycle train <-> evaluate is gone: eval loads without the train command's module."""
+    code = ("import sys, ntk_attention.training.evaluate; "
+            "assert 'ntk_attention.training.train' not in sys.modules, 'evaluate imported train'")
+    subprocess.run([sys.executable, "-c", code], check=True)
