@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ntk_attention import get_feature_map, ntk_attention, prefix_attention, prefix_to_ntk
-from ntk_attention.ops import backends
+from ntk_attention.ops.fused import torch_states
 from ntk_attention.ops.naive import ntk_attention_naive, prefix_attention_naive, prefix_to_ntk_naive
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -17,7 +17,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     # Tiny tiles so the chunked path really loops over several key blocks on small shapes.
-    monkeypatch.setattr(backends.Chunked, "tile_elements", 64)
+    monkeypatch.setattr(torch_states.Chunked, "tile_elements", 64)
 
 
 def skip_unsupported(backend, dtype):
@@ -315,8 +315,11 @@ def test_state_per_kv_head_is_the_same_state_repeated_over_its_group(device, bac
         (lambda a: a.update(attn_mask=torch.ones(5, 5, dtype=torch.int64)), "attn_mask must be boolean"),
         (lambda a: a.update(dropout_p=1.5), "dropout_p"),
         (lambda a: a.update(scale=-1.0), "scale"),
-        (lambda a: a.update(backend="triton"), "unknown backend"),
-        (lambda a: a.update(backend="fused-cpu", dropout_p=0.1), "does not support"),
+        (lambda a: a.update(backend="cuda-magic"), "unknown backend"),
+        (lambda a: a.update(backend="fused-cpu", dropout_p=0.1), "fused-cpu: no dropout"),
+        (lambda a: a.update(backend="fused-cuda"), "fused-cuda: a CUDA kernel, the inputs are on cpu"),
+        (lambda a: a.update(scale=float("inf")), "scale"),
+        (lambda a: a.update(q=torch.randn(2, 4, 5, 0), k=torch.randn(2, 2, 5, 0)), "head dims"),
     ],
 )
 def test_bad_input_names_the_problem(change, message):

@@ -1,4 +1,4 @@
-"""Exact merge of attention states, with the backward written out (DESIGN.md section 2).
+"""The merged-state path: softmax states from ``torch_states.py`` merged exactly with the NTK state.
 
 Softmax states ``(O_i, lse_i)`` over disjoint key sets and one linear state ``(N, c)`` (the NTK term,
 ``N = phi(q)^T Z``, ``c = phi(q)^T k >= 0``) combine as
@@ -16,8 +16,6 @@ computed here rather than by autograd through ``log c``, which is ``0 * inf = Na
 from __future__ import annotations
 
 import torch
-
-from .backends import select_backend
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -44,20 +42,18 @@ def merge_weights(lses: list[torch.Tensor], den: torch.Tensor | None):
 class MergedAttention(torch.autograd.Function):
     """Softmax attention over ``(k, v)`` [and an unmasked ``(prefix_k, prefix_v)``] merged with the NTK term.
 
-    Heads must already match (``k``, ``prefix_k`` expanded to ``[B, H, *, D]``). ``ntk_stats``
+    Heads must already match (``k``, ``prefix_k`` expanded to ``[B, H, *, D]``). ``input_backend``
+    and ``prefix_backend`` are the ``torch_states`` kernels chosen by ``ops.backends``. ``ntk_stats``
     ``[B,H,L,Dv+1]`` is ``phi(q)^T [Z | k]``, i.e. ``N`` and ``c`` in one tensor (one matmul), or
     None; ``c`` is clamped at 0 here. It is float32/float64: the NTK term is kept in full precision
     next to a bfloat16 input.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, ntk_stats, mask, causal, scale, dropout_p, backend):
-        # Causal with L != S becomes a mask inside the fused backends.
-        has_mask = mask is not None or (causal and q.shape[-2] != k.shape[-2])
-        input_backend = select_backend(q, dropout_p, backend, has_mask)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, ntk_stats, mask, causal, scale, dropout_p, input_backend, prefix_backend):
         states = [(input_backend, k, v, mask, causal, dropout_p)]
         if prefix_k is not None:
-            states.append((select_backend(q, 0.0, backend), prefix_k, prefix_v, None, False, 0.0))
+            states.append((prefix_backend, prefix_k, prefix_v, None, False, 0.0))
         outs, lses, rngs = [], [], []
         for b, kk, vv, mm, cc, dp in states:
             o, lse, rng = b.forward(q, kk, vv, mm, cc, scale, dp)
@@ -100,4 +96,4 @@ class MergedAttention(torch.autograd.Function):
             d_stats = torch.cat([beta * gf, dden * den_positive], dim=-1)
         dk, dv = grads_kv[0], grads_kv[1]
         dpk, dpv = (grads_kv[2], grads_kv[3]) if ctx.has_prefix else (None, None)
-        return dq, dk, dv, dpk, dpv, d_stats, None, None, None, None, None
+        return dq, dk, dv, dpk, dpv, d_stats, None, None, None, None, None, None
