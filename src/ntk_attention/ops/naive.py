@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .feature_maps import get_feature_map
-from .utils import additive_mask, causal_bias, compute_dtype, repeat_kv
+from .utils import additive_mask, causal_bias, compute_dtype, max_exponent, repeat_kv
 
 
 def visibility_bias(L: int, S: int, causal: bool, attn_mask, device, dtype) -> torch.Tensor:
@@ -28,7 +28,9 @@ def visibility_bias(L: int, S: int, causal: bool, attn_mask, device, dtype) -> t
 def ntk_attention_naive(q, k, v, z, kvec, feature_map="elu", causal=False, attn_mask=None, scale=None):
     """``(sum_j e^{s_ij} v_j + phi(q_i)^T z) / (sum_j e^{s_ij} + phi(q_i)^T kvec)`` over visible j.
 
-    A row that sees no key and has ``phi(q_i)^T kvec = 0`` returns 0.
+    A row that sees no key and has ``phi(q_i)^T kvec = 0`` returns 0. Where the softmax sum
+    underflows and ``phi(q_i)^T kvec = 0``, the NTK term's weight ``e^{-m}`` is capped
+    (``utils.max_exponent``): a zero numerator then adds 0 instead of ``inf * 0``.
     """
     fmap = get_feature_map(feature_map)
     H, L, D = q.shape[1], q.shape[2], q.shape[3]
@@ -41,10 +43,12 @@ def ntk_attention_naive(q, k, v, z, kvec, feature_map="elu", causal=False, attn_
     num_ntk = phi @ repeat_kv(z.to(dt), H)  # [B, H, L, D_v]; z per query head or per KV head
     den_ntk = (phi @ repeat_kv(kvec.to(dt).unsqueeze(-1), H)).clamp_min(0)  # [B, H, L, 1]
     # Subtract the row maximum of the scores and of log(den_ntk) so nothing overflows.
-    m = torch.maximum(s.amax(-1, keepdim=True), den_ntk.log())
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s_max = s.amax(-1, keepdim=True) if S > 0 else torch.full_like(den_ntk, float("-inf"))  # S = 0: no keys
+    m = torch.maximum(s_max, den_ntk.log())
+    # The shift cancels in num / den, so it carries no gradient (through log 0 it would be NaN).
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
     p = torch.exp(s - m)
-    e_m = torch.exp(-m)
+    e_m = torch.exp((-m).clamp_max(max_exponent(dt)))  # capped as the fast paths cap it
     num = p @ vc + num_ntk * e_m
     den = p.sum(-1, keepdim=True) + den_ntk * e_m
     out = torch.where(den > 0, num / den.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(num))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -28,3 +30,10 @@ def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     """Repeat the head dim (dim -3: ``[B, H_kv, S, D]`` or ``[H_kv, r, D_v]``) up to ``heads`` for
     grouped-query attention; autograd sums the groups back."""
     return x if x.shape[-3] == heads else x.repeat_interleave(heads // x.shape[-3], dim=-3)
+
+
+def max_exponent(dtype: torch.dtype) -> float:
+    """Cap on the exponent of ``e^{-T}``, the NTK term's weight: where the softmax part underflows
+    and ``c = 0`` it would overflow (``inf * 0 = NaN`` for a zero numerator). Room is left for
+    ``beta * g`` in the backward."""
+    return 0.9 * math.log(torch.finfo(dtype).max)

@@ -17,25 +17,26 @@ from __future__ import annotations
 
 import torch
 
-
-def _floor(dtype: torch.dtype) -> float:
-    # Added to the denominator so that beta = e^{-T} stays finite when the softmax part underflows
-    # (rows whose logits are all ~ -1e38, as HF masks write them) and c = 0. Far below float
-    # resolution of any real denominator, so the identity start stays exact.
-    return 1e-300 if dtype == torch.float64 else 1e-30
+from ..utils import max_exponent
 
 
 def merge_weights(lses: list[torch.Tensor], den: torch.Tensor | None):
-    """Weights ``w_i`` of each softmax state and ``beta`` of the linear state, all [B, H, L, 1]."""
+    """Weights ``w_i`` of each softmax state and ``beta`` of the linear state, all [B, H, L, 1].
+
+    The weights are exact whatever the size of the scores. ``beta`` is capped where the softmax
+    part underflows and ``c = 0`` (rows masked with ``finfo.min``, as HF writes masks): there
+    ``e^{-T}`` would be inf and ``inf * N`` NaN at ``N = 0``; with the cap a zero ``N`` adds 0 and a
+    non-zero one a huge finite term, the size the formula asks for. (An absolute floor on the
+    denominator would instead shrink rows whose scores are all below ``log(floor)``.)
+    """
     total = lses[0]
     for lse in lses[1:]:
         total = torch.logaddexp(total, lse)
     if den is not None:
         total = torch.logaddexp(total, torch.log(den))  # log 0 = -inf is fine here
     dead = torch.isneginf(total)  # sees no key and c = 0: output 0, gradient 0
-    total = torch.logaddexp(total, torch.full_like(total, _floor(total.dtype)).log())
     weights = [torch.exp(lse - total).masked_fill(dead, 0).unsqueeze(-1) for lse in lses]
-    beta = torch.exp(-total).masked_fill(dead, 0).unsqueeze(-1)
+    beta = torch.exp((-total).clamp_max(max_exponent(total.dtype))).masked_fill(dead, 0).unsqueeze(-1)
     return weights, beta
 
 
@@ -93,7 +94,8 @@ class MergedAttention(torch.autograd.Function):
         if ctx.has_linear:
             gf = g.to(beta.dtype)
             dden = -beta * torch.linalg.vecdot(gf, out.to(gf.dtype)).unsqueeze(-1)
-            d_stats = torch.cat([beta * gf, dden * den_positive], dim=-1)
+            # where, not a product: dden overflows to inf in rows whose c is clamped (0 * inf = NaN)
+            d_stats = torch.cat([beta * gf, torch.where(den_positive, dden, 0)], dim=-1)
         dk, dv = grads_kv[0], grads_kv[1]
         dpk, dpv = (grads_kv[2], grads_kv[3]) if ctx.has_prefix else (None, None)
         return dq, dk, dv, dpk, dpv, d_stats, None, None, None, None, None, None
