@@ -46,11 +46,12 @@ class Triton:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install 'ntk-attention[triton]')"
         if q.device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                return "not on CUDA and TRITON_INTERPRET unset (the interpreter runs it on CPU, for tests)"
+            # The kernels are interpreted or compiled when their module is imported.
             loaded = sys.modules.get("ntk_attention.ops.fused.triton_ntk")
             if loaded is not None and not loaded.INTERPRETED:
-                return "TRITON_INTERPRET was set after the kernel was compiled for CUDA; set it before importing"
+                return "not on CUDA, and the kernels were compiled for the GPU (set TRITON_INTERPRET=1 before first use)"
+            if loaded is None and os.environ.get("TRITON_INTERPRET") != "1":
+                return "not on CUDA and TRITON_INTERPRET unset (the interpreter runs it on CPU, for tests)"
         elif q.device.type != "cuda":
             return f"needs CUDA (or CPU under TRITON_INTERPRET=1), the inputs are on {q.device.type}"
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
