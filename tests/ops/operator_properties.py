@@ -21,7 +21,7 @@ from ntk_attention import get_feature_map, ntk_attention, prefix_attention
 from ntk_attention.ops import BackendRefused, backend_refusals
 from ntk_attention.ops.naive import ntk_attention_naive, prefix_attention_naive
 
-CPU_BACKENDS = ["auto", "fused", "fused-cpu", "chunked"]
+CPU_BACKENDS = ["auto", "fused", "fused-cpu", "decode", "chunked"]
 TOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 5e-2}
 
 
@@ -109,8 +109,11 @@ def check_ntk(c):
     (q, k, v, z, kvec), mask, fmap = build(c)
     dt = c["dtype"]
     has_mask = mask is not None or (c["causal"] and c["L"] != c["S"])
-    out = call(lambda: ntk_attention(q, k, v, z, kvec, feature_map=fmap, causal=c["causal"], attn_mask=mask, backend=c["backend"]),
-               c["backend"], (q, k, dict(has_mask=has_mask, op="ntk")))
+    inference = c["backend"] == "decode" or c["seed"] % 4 == 0  # a generation step: no gradient
+    with torch.set_grad_enabled(not inference):
+        out = call(lambda: ntk_attention(q, k, v, z, kvec, feature_map=fmap, causal=c["causal"], attn_mask=mask,
+                                         backend=c["backend"]),
+                   c["backend"], (q, k, dict(has_mask=has_mask, op="ntk", needs_grad=not inference)))
     if out is None:
         return
     assert out.shape == (c["B"], c["H"], c["L"], c["Dv"]) and out.dtype == dt
@@ -118,7 +121,7 @@ def check_ntk(c):
     ins = [t.detach().clone().requires_grad_() for t in (q, k, v, z, kvec)]
     ref = ntk_attention_naive(*ins, fmap, c["causal"], mask)
     close(out, ref, dt, c["logit"], "output")
-    if dt == torch.bfloat16:
+    if dt == torch.bfloat16 or inference:
         return
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dt)
     grads = torch.autograd.grad(out, (q, k, v, z, kvec), g, allow_unused=True)

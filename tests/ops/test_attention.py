@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ntk_attention import get_feature_map, ntk_attention, prefix_attention, prefix_to_ntk
+from ntk_attention.ops import backends
 from ntk_attention.ops.fused import torch_states
 from ntk_attention.ops.naive import ntk_attention_naive, prefix_attention_naive, prefix_to_ntk_naive
 
@@ -367,3 +368,26 @@ def test_ntk_term_stays_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ntk_attention(q, k, v, z, kvec, feature_map=fmap, causal=True)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 3, 1, 40, 8, 8), (2, 4, 4, 1, 7, 8, 5), (2, 6, 1, 1, 1, 4, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask_kind", [None, "padding", "random-bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_heads", ["query", "kv"])
+def test_decode_step_matches_reference_and_is_chosen_without_gradient(shape, mask_kind, dtype, state_heads):
+    B, H, H_kv, L, S, D, Dv = shape
+    fmap = get_feature_map("elu")
+    q, k, v, z, kvec = make_inputs(B, H, H_kv, L, S, D, Dv, fmap, dtype, "cpu")
+    if state_heads == "kv":
+        z, kvec = z[:H_kv], kvec[:H_kv]
+    mask = make_mask(mask_kind, B, H, L, S, "cpu")
+    with torch.no_grad():
+        assert backends.select_backend(q, k, needs_grad=False).name == "decode"
+        out = ntk_attention(q, k, v, z, kvec, causal=True, attn_mask=mask, backend="decode")
+        ref = ntk_attention_naive(*(t.float() if dtype == torch.bfloat16 else t for t in (q, k, v, z, kvec)), fmap, True, mask)
+        assert torch.equal(ntk_attention(q, k, v, z, kvec, causal=True, attn_mask=mask), out)  # auto picks it
+    assert out.dtype == dtype
+    assert_close(out.float() if dtype == torch.bfloat16 else out, ref, dtype, "output")
+    with pytest.raises(backends.BackendRefused, match="decode: inference only"):
+        ntk_attention(q, k, v, z, kvec, causal=True, backend="decode")

@@ -115,8 +115,8 @@ def peak_memory_mb(method: str, L: int, m: int, args) -> float:
 
 def ntk_backend(args) -> str:
     """The backend ``"auto"`` picks for the benchmark's inputs (recorded in the setup)."""
-    q = torch.empty(args.batch, args.heads, 1, args.head_dim, device=args.device, dtype=getattr(torch, args.dtype))
-    return select_backend(q, q).name
+    q = torch.empty(args.batch, args.heads, 2, args.head_dim, device=args.device, dtype=getattr(torch, args.dtype))
+    return select_backend(q, q, needs_grad=True).name  # the benchmark runs forward + backward
 
 
 def cases_for_length(L: int, args) -> list[tuple[str, int]]:

@@ -5,11 +5,14 @@ The references with the same semantics are in ``naive.py``; tests compare the tw
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
-from .backends import TRITON, select_backend
+from .backends import DECODE, TRITON, select_backend
 from .checks import check_mask, check_ntk_state, check_prefix, check_qkv, check_tensor
 from .feature_maps import FeatureMapLike, get_feature_map
+from .fused.torch_decode import decode_ntk_attention
 from .fused.torch_fused import MergedAttention
 from .utils import additive_mask, repeat_kv
 
@@ -89,7 +92,8 @@ def ntk_attention(
     scale = _scale(scale, D)
     dropout_p = _check_dropout(dropout_p)
     causal = bool(causal)
-    chosen = select_backend(q, k, backend=backend, dropout_p=dropout_p,
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, z, kvec))
+    chosen = select_backend(q, k, backend=backend, dropout_p=dropout_p, needs_grad=needs_grad,
                             has_mask=attn_mask is not None or (causal and L != S), op="ntk")
     if chosen is TRITON:
         from .fused.triton_ntk import triton_ntk_attention
@@ -97,11 +101,13 @@ def ntk_attention(
         return triton_ntk_attention(q, k, v, z, kvec, fmap, causal, additive_mask(attn_mask, q.dtype), scale)
 
     # Under autocast these matmuls would run in bfloat16; the NTK sums need full precision.
-    with torch.autocast(q.device.type, enabled=False):
+    with torch.autocast(q.device.type, enabled=False) if torch.is_autocast_enabled(q.device.type) else nullcontext():
         phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
         state = torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)
         ntk_stats = phi @ repeat_kv(state, H)  # [N | c]; one state per KV head serves its query heads
     mask = additive_mask(attn_mask, q.dtype)
+    if chosen is DECODE:
+        return decode_ntk_attention(q, k, v, ntk_stats, mask, scale)
     folded = _fold_groups(q, k, v, ntk_stats, mask, causal)
     if folded is not None:
         out = MergedAttention.apply(*folded[:3], None, None, *folded[3:], False, scale, dropout_p, chosen, None)

@@ -8,6 +8,9 @@ Backends, in the order ``"auto"`` tries them:
 - ``"flash-cuda"``, ``"fused-cuda"``, ``"fused-cpu"`` (``fused/torch_states.py``): PyTorch's fused
   attention kernels for the softmax state, merged with the NTK state or a prefix in
   ``fused/torch_fused.py``. ``"fused"`` asks for whichever of these takes the inputs.
+- ``"decode"`` (``fused/torch_decode.py``): a single query row without gradient on CPU (a
+  generation step): one flash-kernel call and a few ops, where the overhead of the general path
+  would dominate.
 - ``"chunked"``: the same merge over a pure-PyTorch loop on key blocks; takes everything.
 
 ``select_backend`` returns the backend or, for an explicitly requested one that cannot take the
@@ -16,6 +19,7 @@ inputs, raises ``BackendRefused`` with the reason; ``backend_refusals`` lists ev
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -32,6 +36,35 @@ class BackendRefused(ValueError):
     """An explicitly requested backend cannot take the inputs; the message says why."""
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+class Decode:
+    """One query row, no gradient: the formula written out (``fused/torch_decode.py``)."""
+
+    name = "decode"
+
+    @staticmethod
+    def refusal(q, k, *, dropout_p, has_mask, op, needs_grad) -> str | None:
+        if op != "ntk":
+            return "ntk_attention only"
+        if needs_grad:
+            return "inference only (no backward), and the inputs need gradients"
+        if q.shape[-2] != 1:
+            return f"a single query row (L = 1), got L = {q.shape[-2]}"
+        if q.device.type != "cpu":
+            return f"CPU only (on CUDA the fused kernels take a generation step), the inputs are on {q.device.type}"
+        if q.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+            return f"{q.dtype} not supported (float32, float64, bfloat16)"
+        if dropout_p > 0:
+            return "no attention dropout"
+        if q.shape[0] == 0 or k.shape[-2] == 0:
+            return "an empty batch or sequence (B or S = 0)"
+        return None
+
+
 class Triton:
     """The fused Triton kernel; ``triton`` is imported only when it runs."""
 
@@ -40,10 +73,10 @@ class Triton:
     max_head_dim = 256
 
     @classmethod
-    def refusal(cls, q, k, dropout_p, has_mask, op="ntk") -> str | None:
+    def refusal(cls, q, k, *, dropout_p, has_mask, op, needs_grad) -> str | None:
         if op != "ntk":
             return "only ntk_attention has a triton kernel (prefix_attention uses the torch kernels)"
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return "triton is not installed (pip install 'ntk-attention[triton]')"
         if q.device.type == "cpu":
             # The kernels are interpreted or compiled when their module is imported.
@@ -66,42 +99,45 @@ class Triton:
 
 
 TRITON = Triton()
-BACKENDS = {b.name: b for b in (TRITON, *TORCH_FUSED, CHUNKED)}
+DECODE = Decode()
+BACKENDS = {b.name: b for b in (TRITON, DECODE, *TORCH_FUSED, CHUNKED)}
 BACKEND_NAMES = ("auto", "fused", *BACKENDS)
 
 
-def backend_refusals(q, k, *, dropout_p: float = 0.0, has_mask: bool = False, op: str = "ntk") -> dict[str, str | None]:
+def backend_refusals(q, k, *, dropout_p: float = 0.0, has_mask: bool = False, op: str = "ntk",
+                     needs_grad: bool = False) -> dict[str, str | None]:
     """Each backend's reason to refuse these inputs, or None where it takes them.
 
     ``has_mask``: an attention mask is given, or ``causal`` with ``L != S`` (which the torch kernels
-    take only as a mask). ``op``: ``"ntk"`` or ``"prefix"``.
+    take only as a mask). ``op``: ``"ntk"`` or ``"prefix"``. ``needs_grad``: a backward will run.
     """
-    out = {}
-    for name, b in BACKENDS.items():
-        out[name] = b.refusal(q, k, dropout_p, has_mask, op) if b is TRITON else b.refusal(q, k, dropout_p, has_mask)
-    return out
+    args = dict(dropout_p=dropout_p, has_mask=has_mask, op=op, needs_grad=needs_grad)
+    return {name: b.refusal(q, k, **args) for name, b in BACKENDS.items()}
 
 
-def select_backend(q, k, *, backend: str | None = "auto", dropout_p: float = 0.0, has_mask: bool = False, op: str = "ntk"):
+def select_backend(q, k, *, backend: str | None = "auto", dropout_p: float = 0.0, has_mask: bool = False,
+                   op: str = "ntk", needs_grad: bool = False):
     """The backend that will compute the call (an object with ``.name``).
 
-    ``"auto"`` (or None): triton on CUDA where it takes the inputs, else the first torch fused
-    kernel that does, else chunked. A named backend that refuses raises ``BackendRefused``
-    ("triton: float64 not supported ...").
+    ``"auto"`` (or None): triton on CUDA where it takes the inputs, decode for a generation
+    step on CPU, else the first torch fused kernel that takes them, else chunked. A named backend
+    that refuses raises ``BackendRefused`` ("triton: torch.float64 not supported ...").
     """
     backend = "auto" if backend is None else backend
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKEND_NAMES)}")
-    reasons = backend_refusals(q, k, dropout_p=dropout_p, has_mask=has_mask, op=op)
-    if backend == "auto":
-        order = ([TRITON] if q.device.type == "cuda" else []) + [*TORCH_FUSED, CHUNKED]
-        return next(b for b in order if reasons[b.name] is None)
+    args = dict(dropout_p=dropout_p, has_mask=has_mask, op=op, needs_grad=needs_grad)
+    if backend == "auto":  # first taker, asked in order (this runs at every layer and token)
+        order = (TRITON,) if q.device.type == "cuda" else (DECODE,)
+        return next(b for b in (*order, *TORCH_FUSED, CHUNKED) if b.refusal(q, k, **args) is None)
     if backend == "fused":
+        reasons = {b.name: b.refusal(q, k, **args) for b in TORCH_FUSED}
         taken = [b for b in TORCH_FUSED if reasons[b.name] is None]
         if not taken:
             raise BackendRefused("fused: no torch fused kernel takes these inputs: "
-                                 + "; ".join(f"{b.name}: {reasons[b.name]}" for b in TORCH_FUSED))
+                                 + "; ".join(f"{name}: {why}" for name, why in reasons.items()))
         return taken[0]
-    if reasons[backend] is not None:
-        raise BackendRefused(f"{backend}: {reasons[backend]}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKEND_NAMES)}")
+    reason = BACKENDS[backend].refusal(q, k, **args)
+    if reason is not None:
+        raise BackendRefused(f"{backend}: {reason}")
     return BACKENDS[backend]

@@ -37,7 +37,7 @@ class Chunked:
     name = "chunked"
 
     @staticmethod
-    def refusal(q, k, dropout_p, has_mask) -> str | None:
+    def refusal(q, k, *, dropout_p, has_mask, op, needs_grad) -> str | None:
         return None
 
     # Elements of one [B, H, L, block] score tile; bounds the extra memory whatever L and S are.
@@ -180,7 +180,7 @@ class FusedCPU(_Fused):
     name = "fused-cpu"
 
     @classmethod
-    def refusal(cls, q, k, dropout_p, has_mask) -> str | None:
+    def refusal(cls, q, k, *, dropout_p, has_mask, op, needs_grad) -> str | None:
         if q.device.type != "cpu":
             return f"a CPU kernel, the inputs are on {q.device.type}"
         if dropout_p > 0:
@@ -205,7 +205,7 @@ class FusedCUDA(_Fused):
     name = "fused-cuda"
 
     @classmethod
-    def refusal(cls, q, k, dropout_p, has_mask) -> str | None:
+    def refusal(cls, q, k, *, dropout_p, has_mask, op, needs_grad) -> str | None:
         if q.device.type != "cuda":
             return f"a CUDA kernel, the inputs are on {q.device.type}"
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -246,7 +246,7 @@ class FlashCUDA(_Fused):
     name = "flash-cuda"
 
     @classmethod
-    def refusal(cls, q, k, dropout_p, has_mask) -> str | None:
+    def refusal(cls, q, k, *, dropout_p, has_mask, op, needs_grad) -> str | None:
         if q.device.type != "cuda":
             return f"a CUDA kernel, the inputs are on {q.device.type}"
         if q.dtype not in (torch.float16, torch.bfloat16):
