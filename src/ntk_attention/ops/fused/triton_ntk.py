@@ -41,6 +41,13 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _tile(base, rows, cols, s_row, s_col, n_rows, n_cols):
+    """The [len(rows), len(cols)] tile at base + rows * s_row + cols * s_col, 0 outside the bounds."""
+    return tl.load(base + rows[:, None] * s_row + cols[None, :] * s_col,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
 def _scores(q, k_t, mask_ptrs, offs_m, offs_n, L, S, scale,
             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
     """Scaled scores [BLOCK_M, BLOCK_N] of a query tile against a key block, -inf where not visible."""
@@ -72,8 +79,7 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, L, D)
 
     # The NTK statistics N [BLOCK_M, DV] and c [BLOCK_M], in float32.
     if ELU:
@@ -81,14 +87,13 @@ def _forward_kernel(
         phi = tl.where(x > 0, x + 1.0, tl.exp(x))  # ELU(x) + 1; r = D, so offs_d indexes features
         phi = tl.where(offs_d[None, :] < D, phi, 0.0)
         hs = h // GS
-        z = tl.load(Z + hs * szh + offs_d[:, None] * szr + offs_dv[None, :] * szd,
-                    mask=(offs_d[:, None] < D) & (offs_dv[None, :] < DV), other=0.0)
+        z = _tile(Z + hs * szh, offs_d, offs_dv, szr, szd, D, DV)
         num = tl.dot(phi, z, input_precision="ieee")
         kv = tl.load(KV + hs * skvh + offs_d * skvr, mask=offs_d < D, other=0.0)
         c = tl.sum(phi * kv[None, :], axis=1)
     else:
         st = STATS + b * sstb + h * ssth + offs_m * sstl
-        num = tl.load(st[:, None] + offs_dv[None, :] * sstd, mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        num = _tile(STATS + b * sstb + h * ssth, offs_m, offs_dv, sstl, sstd, L, DV)
         c = tl.load(st + DV * sstd, mask=row_ok, other=0.0)
     c = tl.maximum(c, 0.0)
 
@@ -103,16 +108,14 @@ def _forward_kernel(
     m_base = MASK + b * smb + h * smh + offs_m[:, None] * sml
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
-                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < D), other=0.0)
+        k_t = _tile(k_base, offs_d, offs_n, skd, sks, D, S)
         s = _scores(q, k_t, m_base + offs_n[None, :] * sms, offs_m, offs_n, L, S, scale, CAUSAL, HAS_MASK, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+        v = _tile(v_base, offs_n, offs_dv, svs, svd, S, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -146,10 +149,8 @@ def _dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_dv[None, :] * sdod,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, L, D)
+    do = _tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdol, sdod, L, DV)
     t = tl.load(T + bh * L + offs_m, mask=row_ok, other=0.0)
     t = tl.where(t == float("-inf"), 0.0, t)  # dead rows see no key: p = 0 already
     delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
@@ -162,10 +163,8 @@ def _dq_kernel(
     m_base = MASK + b * smb + h * smh + offs_m[:, None] * sml
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
-                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < D), other=0.0)
-        v_t = tl.load(v_base + offs_n[None, :] * svs + offs_dv[:, None] * svd,
-                      mask=(offs_n[None, :] < S) & (offs_dv[:, None] < DV), other=0.0)
+        k_t = _tile(k_base, offs_d, offs_n, skd, sks, D, S)
+        v_t = _tile(v_base, offs_dv, offs_n, svd, svs, DV, S)
         s = _scores(q, k_t, m_base + offs_n[None, :] * sms, offs_m, offs_n, L, S, scale, CAUSAL, HAS_MASK, PRECISION)
         p = tl.exp(s - t[:, None])
         dp = tl.dot(do, v_t, input_precision=PRECISION)
@@ -192,10 +191,8 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < S
-    k_t = tl.load(K + b * skb + hk * skh + offs_n[None, :] * sks + offs_d[:, None] * skd,
-                  mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_dv[None, :] * svd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k_t = _tile(K + b * skb + hk * skh, offs_d, offs_n, skd, sks, D, S)
+    v = _tile(V + b * svb + hk * svh, offs_n, offs_dv, svs, svd, S, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo = 0
@@ -209,10 +206,8 @@ def _dkdv_kernel(
         for start_m in range(lo, L, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < L
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_dv[None, :] * sdod,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            q = _tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, L, D)
+            do = _tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdol, sdod, L, DV)
             t = tl.load(T + bh * L + offs_m, mask=row_ok, other=0.0)
             t = tl.where(t == float("-inf"), 0.0, t)
             delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
