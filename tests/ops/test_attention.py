@@ -391,3 +391,14 @@ def test_decode_step_matches_reference_and_is_chosen_without_gradient(shape, mas
     assert_close(out.float() if dtype == torch.bfloat16 else out, ref, dtype, "output")
     with pytest.raises(backends.BackendRefused, match="decode: inference only"):
         ntk_attention(q, k, v, z, kvec, causal=True, backend="decode")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_rows_whose_scores_are_all_far_below_zero_are_not_shrunk(device, backend):
+    # Every score is -100: an absolute floor of 1e-30 on the denominator (log = -69) scaled these
+    # rows' outputs by e^-31, i.e. to 0, at the identity start.
+    q = torch.full((1, 2, 3, 4), 10.0, device=device)
+    k = torch.full((1, 2, 5, 4), -5.0, device=device)
+    v = torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(0)).to(device)
+    out = ntk_attention(q, k, v, torch.zeros(2, 4, 4, device=device), torch.zeros(2, 4, device=device), backend=backend)
+    assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6)
