@@ -6,6 +6,7 @@ import torch
 
 from ntk_attention import get_feature_map, ntk_attention, prefix_attention, prefix_to_ntk
 from ntk_attention.ops import backends
+from ntk_attention.ops.fused import torch_states
 from ntk_attention.ops.naive import ntk_attention_naive, prefix_attention_naive, prefix_to_ntk_naive
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -17,7 +18,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     # Tiny tiles so the chunked path really loops over several key blocks on small shapes.
-    monkeypatch.setattr(backends.Chunked, "tile_elements", 64)
+    monkeypatch.setattr(torch_states.Chunked, "tile_elements", 64)
 
 
 def skip_unsupported(backend, dtype):
@@ -315,8 +316,11 @@ def test_state_per_kv_head_is_the_same_state_repeated_over_its_group(device, bac
         (lambda a: a.update(attn_mask=torch.ones(5, 5, dtype=torch.int64)), "attn_mask must be boolean"),
         (lambda a: a.update(dropout_p=1.5), "dropout_p"),
         (lambda a: a.update(scale=-1.0), "scale"),
-        (lambda a: a.update(backend="triton"), "unknown backend"),
-        (lambda a: a.update(backend="fused-cpu", dropout_p=0.1), "does not support"),
+        (lambda a: a.update(backend="cuda-magic"), "unknown backend"),
+        (lambda a: a.update(backend="fused-cpu", dropout_p=0.1), "fused-cpu: no dropout"),
+        (lambda a: a.update(backend="fused-cuda"), "fused-cuda: a CUDA kernel, the inputs are on cpu"),
+        (lambda a: a.update(scale=float("inf")), "scale"),
+        (lambda a: a.update(q=torch.randn(2, 4, 5, 0), k=torch.randn(2, 2, 5, 0)), "head dims"),
     ],
 )
 def test_bad_input_names_the_problem(change, message):
@@ -364,3 +368,37 @@ def test_ntk_term_stays_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ntk_attention(q, k, v, z, kvec, feature_map=fmap, causal=True)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 3, 1, 40, 8, 8), (2, 4, 4, 1, 7, 8, 5), (2, 6, 1, 1, 1, 4, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask_kind", [None, "padding", "random-bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_heads", ["query", "kv"])
+def test_decode_step_matches_reference_and_is_chosen_without_gradient(shape, mask_kind, dtype, state_heads):
+    B, H, H_kv, L, S, D, Dv = shape
+    fmap = get_feature_map("elu")
+    q, k, v, z, kvec = make_inputs(B, H, H_kv, L, S, D, Dv, fmap, dtype, "cpu")
+    if state_heads == "kv":
+        z, kvec = z[:H_kv], kvec[:H_kv]
+    mask = make_mask(mask_kind, B, H, L, S, "cpu")
+    with torch.no_grad():
+        assert backends.select_backend(q, k, needs_grad=False).name == "decode"
+        out = ntk_attention(q, k, v, z, kvec, causal=True, attn_mask=mask, backend="decode")
+        ref = ntk_attention_naive(*(t.float() if dtype == torch.bfloat16 else t for t in (q, k, v, z, kvec)), fmap, True, mask)
+        assert torch.equal(ntk_attention(q, k, v, z, kvec, causal=True, attn_mask=mask), out)  # auto picks it
+    assert out.dtype == dtype
+    assert_close(out.float() if dtype == torch.bfloat16 else out, ref, dtype, "output")
+    with pytest.raises(backends.BackendRefused, match="decode: inference only"):
+        ntk_attention(q, k, v, z, kvec, causal=True, backend="decode")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_rows_whose_scores_are_all_far_below_zero_are_not_shrunk(device, backend):
+    # Every score is -100: an absolute floor of 1e-30 on the denominator (log = -69) scaled these
+    # rows' outputs by e^-31, i.e. to 0, at the identity start.
+    q = torch.full((1, 2, 3, 4), 10.0, device=device)
+    k = torch.full((1, 2, 5, 4), -5.0, device=device)
+    v = torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(0)).to(device)
+    out = ntk_attention(q, k, v, torch.zeros(2, 4, 4, device=device), torch.zeros(2, 4, device=device), backend=backend)
+    assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6)

@@ -5,13 +5,18 @@ a time with the KV cache (greedy). Reported per method: decode tokens/s, the KV-
 decoding, the adapter state, and the peak memory during decoding above the level before it (CUDA:
 allocator peak; CPU: process RSS sampled every millisecond). NTK-Attention is run standing for the
 same prefix lengths m as prefix tuning: its state is r x (d_v + 1) numbers per head whatever m is.
-Writes ``bench_generate.json``, ``.md`` and ``.png`` into ``--out-dir`` and prints the table.
+With ``--rounds N`` every method runs N times, interleaved, and the table gives medians and the
+median ratio to the base model within a round (a busy machine slows all methods of a round alike).
+Writes ``bench_generate.json``, ``.md`` and ``.png`` into ``--out-dir`` (default under ``runs/``)
+and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import statistics
 import textwrap
 import threading
 import time
@@ -33,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--out-dir", default="runs/bench-generate",
+                        help="folder for the results (default runs/bench-generate; nothing is written into the repository unless named)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every method this often, interleaved (each round runs all methods once); "
+                             "tokens/s are medians, ratios to base are taken within each round")
 
 
 def load_model(name: str | None, gguf_file: str | None, device: str):
@@ -94,14 +103,16 @@ def decode(model, prompt: torch.Tensor, new_tokens: int, device: str) -> dict:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with PeakMemory(device) as peak:
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(new_tokens):
             out = model(input_ids=token, cache=cache, use_cache=True)
             cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         sync()
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
         "decode_tokens_per_s": prompt.shape[0] * new_tokens / seconds,
+        # CPU time of this process: on a shared machine it counts less of the neighbours' load
+        "decode_tokens_per_cpu_s": prompt.shape[0] * new_tokens / cpu_seconds,
         "kv_cache_mib": cache_bytes(cache) / 2**20,
         "peak_decode_mib": peak.bytes / 2**20,
     }
@@ -116,10 +127,12 @@ def methods(prefix_lengths: list[int]):
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | m | decode tokens/s | KV cache (MiB) | adapter state (MiB) | peak during decode (MiB) |", "|---|---|---|---|---|---|"]
+    lines = ["| method | m | decode tokens/s | / base | / base (CPU time) | KV cache (MiB) | adapter state (MiB) | peak during decode (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['m'] or '-'} | {r['decode_tokens_per_s']:.1f} | {r['kv_cache_mib']:.2f} | "
+            f"| {r['method']} | {r['m'] or '-'} | {r['decode_tokens_per_s']:.1f} | {r['over_base']:.2f} | {r['over_base_cpu_time']:.2f} | "
+            f"{r['kv_cache_mib']:.2f} | "
             f"{r['adapter_mib']:.2f} | {r['peak_decode_mib']:.1f} |"
         )
     return "\n".join(lines)
@@ -155,17 +168,35 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, base.config.vocab_size, (args.batch_size, args.prompt_length), generator=generator).to(args.device)
     decode(base, prompt[:, :8], 2, args.device)  # warm-up
+    cases = list(methods(args.prefix_lengths))
+    runs = {(method, m): [] for method, m, _ in cases}
+    adapters = {}
+    for _ in tqdm(range(args.rounds), desc="bench generate rounds", disable=args.rounds == 1):
+        for method, m, config in tqdm(cases, desc="bench generate", disable=args.rounds > 1):
+            model = base if config is None else get_ntk_model(base, config)
+            adapters[(method, m)] = 0 if config is None else sum(p.numel() * p.element_size() for p in model.adapter_state_dict().values())
+            runs[(method, m)].append(decode(model, prompt, args.new_tokens, args.device))
+            if config is not None:
+                model.unload()
+    base_speed = [r["decode_tokens_per_s"] for r in runs[("base", None)]]
     rows = []
-    for method, m, config in tqdm(list(methods(args.prefix_lengths)), desc="bench generate"):
-        model = base if config is None else get_ntk_model(base, config)
-        adapter = 0 if config is None else sum(p.numel() * p.element_size() for p in model.adapter_state_dict().values())
-        rows.append({"method": method, "m": m, "adapter_mib": adapter / 2**20, **decode(model, prompt, args.new_tokens, args.device)})
-        if config is not None:
-            model.unload()
+    for (method, m), results in runs.items():
+        speeds = [r["decode_tokens_per_s"] for r in results]
+        rows.append({
+            "method": method, "m": m, "adapter_mib": adapters[(method, m)] / 2**20,
+            "decode_tokens_per_s": statistics.median(speeds),
+            "over_base": statistics.median(x / b for x, b in zip(speeds, base_speed)),
+            "over_base_cpu_time": statistics.median(
+                r["decode_tokens_per_cpu_s"] / b["decode_tokens_per_cpu_s"] for r, b in zip(results, runs[("base", None)])),
+            "kv_cache_mib": results[-1]["kv_cache_mib"],
+            "peak_decode_mib": max(r["peak_decode_mib"] for r in results),
+            "rounds": speeds,
+        })
     setup = {
         "model": args.model or f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, de-quantised to float32)",
         "device": args.device, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-        "prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "torch": torch.__version__,
+        "prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "torch": torch.__version__, "load_average": os.getloadavg(),
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

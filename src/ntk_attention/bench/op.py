@@ -8,6 +8,10 @@ peak; on CPU the growth of the resident set of a fresh process during one run (s
 
     ntk-attn bench op                      # B=1, H=8, D=64, causal, float32, L up to 16k
     python -m ntk_attention.bench.op --lengths 1024 2048 --repeats 5
+
+Rows: ``ntk`` is the default backend (``"auto"``: the Triton kernel on CUDA where triton is
+installed); on CUDA ``ntk-torch`` is the PyTorch merged-state path (``backend="fused"``) beside it.
+Results go to ``runs/bench-op/`` unless ``--out-dir`` names a folder.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ntk_attention.io import save_figure, write_json, write_text
-from ntk_attention.ops import ntk_attention, prefix_attention
+from ntk_attention.ops import ntk_attention, prefix_attention, select_backend
 from ntk_attention.ops.naive import ntk_attention_naive
 
 
@@ -44,6 +48,8 @@ def make_case(method: str, L: int, m: int, args) -> callable:
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     elif method == "ntk":
         fn = lambda: ntk_attention(q, k, v, z, kvec, causal=True)  # noqa: E731
+    elif method == "ntk-torch":
+        fn = lambda: ntk_attention(q, k, v, z, kvec, causal=True, backend="fused")  # noqa: E731
     elif method == "naive":
         fn = lambda: ntk_attention_naive(q, k, v, z, kvec, "elu", True, None)  # noqa: E731
     elif method == "prefix":
@@ -107,8 +113,16 @@ def peak_memory_mb(method: str, L: int, m: int, args) -> float:
     return queue.get() if proc.exitcode == 0 else float("nan")
 
 
+def ntk_backend(args) -> str:
+    """The backend ``"auto"`` picks for the benchmark's inputs (recorded in the setup)."""
+    q = torch.empty(args.batch, args.heads, 2, args.head_dim, device=args.device, dtype=getattr(torch, args.dtype))
+    return select_backend(q, q, needs_grad=True).name  # the benchmark runs forward + backward
+
+
 def cases_for_length(L: int, args) -> list[tuple[str, int]]:
     cases = [("sdpa", 0), ("ntk", 0)]
+    if args.device == "cuda" and ntk_backend(args) == "triton":
+        cases.append(("ntk-torch", 0))
     if L <= args.naive_max_length:
         cases.append(("naive", 0))
     for ratio in args.prefix_ratios:
@@ -165,7 +179,7 @@ def setup(args) -> dict:
         "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
         "causal": True, "repeats": args.repeats, "threads": args.threads, "device": args.device,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(), "processor": platform.processor(), "ntk_backend": ntk_backend(args),
     }
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -232,7 +246,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--out-dir", "--out", dest="out", type=Path, default=Path("runs/bench-op"),
+                   help="folder for the results (default runs/bench-op; nothing is written into the repository unless named)")
     p.add_argument("--name", default=None, help="file stem; default bench-op-<device>")
 
 

@@ -1,6 +1,7 @@
 """The operator: NTK-Attention and exact prefix attention (fast paths) with plain references."""
 
 from .attention import ntk_attention, prefix_attention, prefix_to_ntk
+from .backends import BACKEND_NAMES, BackendRefused, backend_refusals, select_backend
 from .feature_maps import (
     CallableFeatureMap,
     EluFeatureMap,
@@ -14,6 +15,10 @@ __all__ = [
     "ntk_attention",
     "prefix_attention",
     "prefix_to_ntk",
+    "BACKEND_NAMES",
+    "BackendRefused",
+    "backend_refusals",
+    "select_backend",
     "FeatureMap",
     "EluFeatureMap",
     "TaylorFeatureMap",

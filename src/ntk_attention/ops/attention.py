@@ -5,22 +5,16 @@ The references with the same semantics are in ``naive.py``; tests compare the tw
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
+from .backends import DECODE, TRITON, select_backend
 from .checks import check_mask, check_ntk_state, check_prefix, check_qkv, check_tensor
 from .feature_maps import FeatureMapLike, get_feature_map
-from .merged import MergedAttention
-
-
-def _additive_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    if attn_mask is None or attn_mask.dtype != torch.bool:
-        return attn_mask
-    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
-
-
-def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, H_kv, S, D] -> [B, H, S, D] for grouped-query attention (autograd sums the groups back)."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+from .fused.torch_decode import decode_ntk_attention
+from .fused.torch_fused import MergedAttention
+from .utils import additive_mask, repeat_kv
 
 
 def _fold_groups(q, k, v, ntk_stats, mask, causal):
@@ -52,8 +46,8 @@ def _check_dropout(dropout_p) -> float:
 def _scale(scale, D: int) -> float:
     if scale is None:
         return D**-0.5
-    if not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return float(scale)
 
 
@@ -69,7 +63,7 @@ def ntk_attention(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
     """NTK-Attention: softmax attention over the input plus the infinite-prefix term.
 
@@ -80,11 +74,15 @@ def ntk_attention(
     Shapes: q ``[B,H,L,D]``, k ``[B,H_kv,S,D]``, v ``[B,H_kv,S,D_v]``, z ``[H,r,D_v]``,
     kvec ``[H,r]`` with ``r = feature_map.feature_dim(D)`` (or ``[H_kv,...]``: one state per key/value
     head, shared by its query heads like a GQA prefix); returns ``[B,H,L,D_v]`` in q's dtype.
-    ``dropout_p`` drops softmax weights over the input (not the NTK term). ``backend`` forces
-    ``"fused-cpu"``, ``"flash-cuda"``, ``"fused-cuda"`` or ``"chunked"``; by default a fused kernel
-    is used where one supports the inputs. Memory is O(L): no L x S matrix is built, except the
-    causal mask handed to a fused kernel when L != S (decoding over a cache) or an ``attn_mask``
-    that is already one.
+    ``dropout_p`` drops softmax weights over the input (not the NTK term). ``backend``: ``"auto"``
+    (default: the Triton kernel on CUDA where it takes the inputs, else a PyTorch fused kernel, else
+    the chunked path), or one of ``ops.backends.BACKEND_NAMES``; a named backend that cannot take
+    the inputs raises ``BackendRefused`` saying why. Memory is O(L): no L x S matrix is built, except
+    the causal mask handed to a torch fused kernel when L != S (decoding over a cache) or an
+    ``attn_mask`` that is already one.
+
+    Empty inputs: L = 0 or B = 0 gives an empty output; S = 0 (no keys) gives the NTK term alone,
+    ``N / c``, and 0 in rows where also ``c = 0``.
     """
     B, H, H_kv, L, S, D, D_v = check_qkv(q, k, v)
     fmap = get_feature_map(feature_map)
@@ -93,21 +91,29 @@ def ntk_attention(
     check_mask(attn_mask, B, H, L, S, q.device)
     scale = _scale(scale, D)
     dropout_p = _check_dropout(dropout_p)
+    causal = bool(causal)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, z, kvec))
+    chosen = select_backend(q, k, backend=backend, dropout_p=dropout_p, needs_grad=needs_grad,
+                            has_mask=attn_mask is not None or (causal and L != S), op="ntk")
+    if chosen is TRITON:
+        from .fused.triton_ntk import triton_ntk_attention
+
+        return triton_ntk_attention(q, k, v, z, kvec, fmap, causal, additive_mask(attn_mask, q.dtype), scale)
 
     # Under autocast these matmuls would run in bfloat16; the NTK sums need full precision.
-    with torch.autocast(q.device.type, enabled=False):
+    with torch.autocast(q.device.type, enabled=False) if torch.is_autocast_enabled(q.device.type) else nullcontext():
         phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
         state = torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)
-        if state.shape[0] != H:  # one state per KV head serves each query head of its group
-            state = state.repeat_interleave(H // state.shape[0], dim=0)
-        ntk_stats = phi @ state  # [N | c]
-    mask = _additive_mask(attn_mask, q.dtype)
+        ntk_stats = phi @ repeat_kv(state, H)  # [N | c]; one state per KV head serves its query heads
+    mask = additive_mask(attn_mask, q.dtype)
+    if chosen is DECODE:
+        return decode_ntk_attention(q, k, v, ntk_stats, mask, scale)
     folded = _fold_groups(q, k, v, ntk_stats, mask, causal)
     if folded is not None:
-        out = MergedAttention.apply(*folded[:3], None, None, *folded[3:], False, scale, dropout_p, backend)
+        out = MergedAttention.apply(*folded[:3], None, None, *folded[3:], False, scale, dropout_p, chosen, None)
         return out.reshape(B, H, L, D_v)
     return MergedAttention.apply(
-        q, _expand_heads(k, H), _expand_heads(v, H), None, None, ntk_stats, mask, bool(causal), scale, dropout_p, backend
+        q, repeat_kv(k, H), repeat_kv(v, H), None, None, ntk_stats, mask, causal, scale, dropout_p, chosen, None
     )
 
 
@@ -121,13 +127,15 @@ def prefix_attention(
     causal: bool = False,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
     """Exact softmax attention over ``[prefix; input]``; every query sees the whole prefix.
 
     ``prefix_k [H or H_kv, m, D]``, ``prefix_v [H or H_kv, m, D_v]`` are shared by the batch;
     ``causal`` and ``attn_mask`` apply to the input keys only. The prefix and the input are two
-    attention states merged exactly, so memory is O(L + m) however long the prefix is.
+    attention states merged exactly, so memory is O(L + m) however long the prefix is. ``backend``
+    as in ``ntk_attention`` (there is no triton kernel for it). S = 0 gives attention over the
+    prefix alone; L = 0 or B = 0 an empty output.
     """
     B, H, H_kv, L, S, D, D_v = check_qkv(q, k, v)
     check_prefix(prefix_k, prefix_v, H, H_kv, D, D_v)
@@ -136,12 +144,15 @@ def prefix_attention(
             raise ValueError(f"{name} must match q's device and dtype ({q.device}, {q.dtype}), got {x.device}, {x.dtype}")
     check_mask(attn_mask, B, H, L, S, q.device)
     scale = _scale(scale, D)
+    causal = bool(causal)
     m = prefix_k.shape[1]
-    pk = _expand_heads(prefix_k.unsqueeze(0), H).expand(B, H, m, D)
-    pv = _expand_heads(prefix_v.unsqueeze(0), H).expand(B, H, m, D_v)
+    input_backend = select_backend(q, k, backend=backend, has_mask=attn_mask is not None or (causal and L != S), op="prefix")
+    pk = repeat_kv(prefix_k, H).unsqueeze(0).expand(B, H, m, D)
+    pv = repeat_kv(prefix_v, H).unsqueeze(0).expand(B, H, m, D_v)
+    prefix_backend = select_backend(q, pk, backend=backend, op="prefix")
     return MergedAttention.apply(
-        q, _expand_heads(k, H), _expand_heads(v, H), pk, pv, None,
-        _additive_mask(attn_mask, q.dtype), bool(causal), scale, 0.0, backend,
+        q, repeat_kv(k, H), repeat_kv(v, H), pk, pv, None,
+        additive_mask(attn_mask, q.dtype), causal, scale, 0.0, input_backend, prefix_backend,
     )
 
 

@@ -20,6 +20,8 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int, int]:
     check_tensor("k", k, 4, "[B, H_kv, S, D]")
     check_tensor("v", v, 4, "[B, H_kv, S, D_v]")
     B, H, L, D = q.shape
+    if H == 0 or D == 0 or v.shape[3] == 0:
+        raise ValueError(f"heads H and head dims D, D_v must be at least 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch size differs: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[1] != v.shape[1]:

@@ -136,8 +136,17 @@ class NTKLayer(AdapterLayer):
             self.z.copy_(z / self.m)
             self.k.copy_(torch.log(torch.expm1(per_token)) if self.k_parametrization == "softplus" else per_token)
 
+    def _inference_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ntk_state()`` computed once per parameter version: without gradient it is the same at
+        every layer call of every generated token (a handful of small ops, ~1 ms per SmolLM2 token).
+        In-place updates (optimizer steps, ``load_state_dict``, ``set_ntk_state``) bump the version."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters(recurse=False))
+        if getattr(self, "_state_cache", (None,))[0] != key:
+            self._state_cache = (key, self.ntk_state())
+        return self._state_cache[1]
+
     def forward(self, query, key, value, attention_mask, causal, scale, dropout):
-        z, kvec = self.ntk_state()
+        z, kvec = self._inference_state() if not (torch.is_grad_enabled() or self.training) else self.ntk_state()
         fmap = self.feature_map
         if self.training and self.feature_dropout > 0:
             fmap = _DroppedFeatures(fmap, self.feature_dropout)

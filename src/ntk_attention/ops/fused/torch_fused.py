@@ -1,4 +1,4 @@
-"""Exact merge of attention states, with the backward written out (DESIGN.md section 2).
+"""The merged-state path: softmax states from ``torch_states.py`` merged exactly with the NTK state.
 
 Softmax states ``(O_i, lse_i)`` over disjoint key sets and one linear state ``(N, c)`` (the NTK term,
 ``N = phi(q)^T Z``, ``c = phi(q)^T k >= 0``) combine as
@@ -17,47 +17,44 @@ from __future__ import annotations
 
 import torch
 
-from .backends import select_backend
-
-
-def _floor(dtype: torch.dtype) -> float:
-    # Added to the denominator so that beta = e^{-T} stays finite when the softmax part underflows
-    # (rows whose logits are all ~ -1e38, as HF masks write them) and c = 0. Far below float
-    # resolution of any real denominator, so the identity start stays exact.
-    return 1e-300 if dtype == torch.float64 else 1e-30
+from ..utils import max_exponent
 
 
 def merge_weights(lses: list[torch.Tensor], den: torch.Tensor | None):
-    """Weights ``w_i`` of each softmax state and ``beta`` of the linear state, all [B, H, L, 1]."""
+    """Weights ``w_i`` of each softmax state and ``beta`` of the linear state, all [B, H, L, 1].
+
+    The weights are exact whatever the size of the scores. ``beta`` is capped where the softmax
+    part underflows and ``c = 0`` (rows masked with ``finfo.min``, as HF writes masks): there
+    ``e^{-T}`` would be inf and ``inf * N`` NaN at ``N = 0``; with the cap a zero ``N`` adds 0 and a
+    non-zero one a huge finite term, the size the formula asks for. (An absolute floor on the
+    denominator would instead shrink rows whose scores are all below ``log(floor)``.)
+    """
     total = lses[0]
     for lse in lses[1:]:
         total = torch.logaddexp(total, lse)
     if den is not None:
         total = torch.logaddexp(total, torch.log(den))  # log 0 = -inf is fine here
     dead = torch.isneginf(total)  # sees no key and c = 0: output 0, gradient 0
-    total = torch.logaddexp(total, torch.full_like(total, _floor(total.dtype)).log())
     weights = [torch.exp(lse - total).masked_fill(dead, 0).unsqueeze(-1) for lse in lses]
-    beta = torch.exp(-total).masked_fill(dead, 0).unsqueeze(-1)
+    beta = torch.exp((-total).clamp_max(max_exponent(total.dtype))).masked_fill(dead, 0).unsqueeze(-1)
     return weights, beta
 
 
 class MergedAttention(torch.autograd.Function):
     """Softmax attention over ``(k, v)`` [and an unmasked ``(prefix_k, prefix_v)``] merged with the NTK term.
 
-    Heads must already match (``k``, ``prefix_k`` expanded to ``[B, H, *, D]``). ``ntk_stats``
+    Heads must already match (``k``, ``prefix_k`` expanded to ``[B, H, *, D]``). ``input_backend``
+    and ``prefix_backend`` are the ``torch_states`` kernels chosen by ``ops.backends``. ``ntk_stats``
     ``[B,H,L,Dv+1]`` is ``phi(q)^T [Z | k]``, i.e. ``N`` and ``c`` in one tensor (one matmul), or
     None; ``c`` is clamped at 0 here. It is float32/float64: the NTK term is kept in full precision
     next to a bfloat16 input.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, ntk_stats, mask, causal, scale, dropout_p, backend):
-        # Causal with L != S becomes a mask inside the fused backends.
-        has_mask = mask is not None or (causal and q.shape[-2] != k.shape[-2])
-        input_backend = select_backend(q, dropout_p, backend, has_mask)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, ntk_stats, mask, causal, scale, dropout_p, input_backend, prefix_backend):
         states = [(input_backend, k, v, mask, causal, dropout_p)]
         if prefix_k is not None:
-            states.append((select_backend(q, 0.0, backend), prefix_k, prefix_v, None, False, 0.0))
+            states.append((prefix_backend, prefix_k, prefix_v, None, False, 0.0))
         outs, lses, rngs = [], [], []
         for b, kk, vv, mm, cc, dp in states:
             o, lse, rng = b.forward(q, kk, vv, mm, cc, scale, dp)
@@ -97,7 +94,8 @@ class MergedAttention(torch.autograd.Function):
         if ctx.has_linear:
             gf = g.to(beta.dtype)
             dden = -beta * torch.linalg.vecdot(gf, out.to(gf.dtype)).unsqueeze(-1)
-            d_stats = torch.cat([beta * gf, dden * den_positive], dim=-1)
+            # where, not a product: dden overflows to inf in rows whose c is clamped (0 * inf = NaN)
+            d_stats = torch.cat([beta * gf, torch.where(den_positive, dden, 0)], dim=-1)
         dk, dv = grads_kv[0], grads_kv[1]
         dpk, dpv = (grads_kv[2], grads_kv[3]) if ctx.has_prefix else (None, None)
-        return dq, dk, dv, dpk, dpv, d_stats, None, None, None, None, None
+        return dq, dk, dv, dpk, dpv, d_stats, None, None, None, None, None, None
