@@ -9,8 +9,8 @@ peak; on CPU the growth of the resident set of a fresh process during one run (s
     ntk-attn bench op                      # B=1, H=8, D=64, causal, float32, L up to 16k
     python -m ntk_attention.bench.op --lengths 1024 2048 --repeats 5
 
-Rows: ``ntk`` is the default backend (``"auto"``: the Triton kernel on CUDA where triton is
-installed); on CUDA ``ntk-torch`` is the PyTorch merged-state path (``backend="fused"``) beside it.
+Rows: ``ntk`` is the default backend (``"auto"``: PyTorch's fused kernels merged with the NTK state);
+on CUDA with triton installed ``ntk-triton`` is the one-kernel Triton path (``backend="triton"``) beside it.
 Results go to ``runs/bench-op/`` unless ``--out-dir`` names a folder.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ntk_attention.io import save_figure, write_json, write_text
-from ntk_attention.ops import ntk_attention, prefix_attention, select_backend
+from ntk_attention.ops import backend_refusals, ntk_attention, prefix_attention, select_backend
 from ntk_attention.ops.naive import ntk_attention_naive
 
 
@@ -48,8 +48,8 @@ def make_case(method: str, L: int, m: int, args) -> callable:
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     elif method == "ntk":
         fn = lambda: ntk_attention(q, k, v, z, kvec, causal=True)  # noqa: E731
-    elif method == "ntk-torch":
-        fn = lambda: ntk_attention(q, k, v, z, kvec, causal=True, backend="fused")  # noqa: E731
+    elif method == "ntk-triton":
+        fn = lambda: ntk_attention(q, k, v, z, kvec, causal=True, backend="triton")  # noqa: E731
     elif method == "naive":
         fn = lambda: ntk_attention_naive(q, k, v, z, kvec, "elu", True, None)  # noqa: E731
     elif method == "prefix":
@@ -113,16 +113,24 @@ def peak_memory_mb(method: str, L: int, m: int, args) -> float:
     return queue.get() if proc.exitcode == 0 else float("nan")
 
 
+def _probe(args) -> torch.Tensor:
+    return torch.empty(args.batch, args.heads, 2, args.head_dim, device=args.device, dtype=getattr(torch, args.dtype))
+
+
 def ntk_backend(args) -> str:
     """The backend ``"auto"`` picks for the benchmark's inputs (recorded in the setup)."""
-    q = torch.empty(args.batch, args.heads, 2, args.head_dim, device=args.device, dtype=getattr(torch, args.dtype))
-    return select_backend(q, q, needs_grad=True).name  # the benchmark runs forward + backward
+    return select_backend(_probe(args), _probe(args), needs_grad=True).name  # forward + backward
+
+
+def triton_takes(args) -> bool:
+    """Whether ``backend="triton"`` takes the benchmark's inputs (triton installed, a GPU, its dtypes)."""
+    return backend_refusals(_probe(args), _probe(args), needs_grad=True)["triton"] is None
 
 
 def cases_for_length(L: int, args) -> list[tuple[str, int]]:
     cases = [("sdpa", 0), ("ntk", 0)]
-    if args.device == "cuda" and ntk_backend(args) == "triton":
-        cases.append(("ntk-torch", 0))
+    if args.device == "cuda" and triton_takes(args):
+        cases.append(("ntk-triton", 0))
     if L <= args.naive_max_length:
         cases.append(("naive", 0))
     for ratio in args.prefix_ratios:

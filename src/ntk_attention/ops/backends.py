@@ -1,10 +1,11 @@
 """Which kernel computes the operator, and why the others refuse the inputs.
 
-Backends, in the order ``"auto"`` tries them:
+Backends (``"auto"`` tries all but ``"triton"``, in this order):
 
 - ``"triton"`` (``fused/triton_ntk.py``): one kernel for softmax attention, the NTK term and their
-  merge; CUDA only in ``"auto"`` (on CPU tensors it runs only under Triton's interpreter,
-  ``TRITON_INTERPRET=1``, for tests). ``ntk_attention`` only.
+  merge; asked for by name only (``backend="triton"``) until it has been run on a GPU: it is
+  tested under Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) but never compiled.
+  ``ntk_attention`` only.
 - ``"flash-cuda"``, ``"fused-cuda"``, ``"fused-cpu"`` (``fused/torch_states.py``): PyTorch's fused
   attention kernels for the softmax state, merged with the NTK state or a prefix in
   ``fused/torch_fused.py``. ``"fused"`` asks for whichever of these takes the inputs.
@@ -119,15 +120,13 @@ def select_backend(q, k, *, backend: str | None = "auto", dropout_p: float = 0.0
                    op: str = "ntk", needs_grad: bool = False):
     """The backend that will compute the call (an object with ``.name``).
 
-    ``"auto"`` (or None): triton on CUDA where it takes the inputs, decode for a generation
-    step on CPU, else the first torch fused kernel that takes them, else chunked. A named backend
+    ``"auto"`` (or None): decode for a generation step on CPU, else the first torch fused kernel that takes them, else chunked. A named backend
     that refuses raises ``BackendRefused`` ("triton: torch.float64 not supported ...").
     """
     backend = "auto" if backend is None else backend
     args = dict(dropout_p=dropout_p, has_mask=has_mask, op=op, needs_grad=needs_grad)
     if backend == "auto":  # first taker, asked in order (this runs at every layer and token)
-        order = (TRITON,) if q.device.type == "cuda" else (DECODE,)
-        return next(b for b in (*order, *TORCH_FUSED, CHUNKED) if b.refusal(q, k, **args) is None)
+        return next(b for b in (DECODE, *TORCH_FUSED, CHUNKED) if b.refusal(q, k, **args) is None)
     if backend == "fused":
         reasons = {b.name: b.refusal(q, k, **args) for b in TORCH_FUSED}
         taken = [b for b in TORCH_FUSED if reasons[b.name] is None]

@@ -81,20 +81,3 @@ def prefix_to_ntk_naive(prefix_k, prefix_v, feature_map="elu", scale=None):
     phi = fmap(prefix_k.to(dt), scale).to(dt)  # [H, m, r]
     return phi.transpose(-1, -2) @ prefix_v.to(dt), phi.sum(-2)
 
-
-def relative_ntk_attention_naive(q, k, v, z, kvec, feature_map="elu", causal=False, attn_mask=None, scale=None):
-    """``(softmax(s_i) V + phi(q_i)^T z) / (1 + phi(q_i)^T kvec)``; a row that sees no key takes 0 for
-    its softmax part."""
-    fmap = get_feature_map(feature_map)
-    H, L, D = q.shape[1], q.shape[2], q.shape[3]
-    S = k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    dt = _compute_dtype(q)
-    qc, kc, vc = q.to(dt), _repeat_kv(k, H).to(dt), _repeat_kv(v, H).to(dt)
-    s = scale * qc @ kc.transpose(-1, -2) + additive_mask(L, S, causal, attn_mask, q.device, dt)
-    seen = torch.isfinite(s).any(-1, keepdim=True)
-    p = torch.where(seen, torch.softmax(torch.where(seen, s, torch.zeros_like(s)), -1), torch.zeros_like(s))
-    phi = fmap(qc, scale).to(dt)
-    num_ntk = phi @ _repeat_kv(z.to(dt), H)
-    den_ntk = (phi @ _repeat_kv(kvec.to(dt).unsqueeze(-1), H)).clamp_min(0)
-    return ((p @ vc + num_ntk) / (1 + den_ntk)).to(q.dtype)

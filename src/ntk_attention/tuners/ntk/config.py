@@ -10,7 +10,6 @@ from ..config import AdapterConfig
 
 K_PARAMETRIZATIONS = ("nonneg", "softplus", "signed")
 Z_PARAMETRIZATIONS = ("tied", "free")
-MASSES = ("absolute", "relative")
 
 
 @dataclass
@@ -69,12 +68,6 @@ class NTKConfig(AdapterConfig):
         on GSM8K but not better on average: ``benchmarks/results/gsm8k-smollm2.md``). Default False:
         one per query head (the paper).
     feature_dropout: dropout on ``phi(q)`` during training (off in eval).
-    mass: "absolute" (the paper): the prefix mass ``phi(q)^T k`` adds to the row's own ``sum_l e^{s_il}``,
-        so the same state weighs a lot in a row with little mass (a decoder's first tokens) and little in
-        a row with much (encoder rows, long inputs). "relative": the mass is measured in units of the
-        row's own, ``out_i = (softmax(s_i) V + phi(q_i)^T Z) / (1 + phi(q_i)^T k)``
-        (``ops.relative_ntk_attention``): the prefix's share of every row is ``c / (1 + c)``. Closed-form
-        conversions of a real prefix are absolute.
     """
 
     method = "ntk"
@@ -95,10 +88,9 @@ class NTKConfig(AdapterConfig):
     z_parametrization: str = "tied"
     per_kv_head: bool = False
     feature_dropout: float = 0.0
-    mass: str = "absolute"
 
-    # adapter_config.json files written before a field existed meant: a free Z, absolute mass.
-    absent_field_values: ClassVar[dict] = {"z_parametrization": "free", "mass": "absolute"}
+    # adapter_config.json files written before z_parametrization existed trained a free Z.
+    absent_field_values: ClassVar[dict] = {"z_parametrization": "free"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,8 +111,6 @@ class NTKConfig(AdapterConfig):
             raise ValueError(f"NTKConfig.k_init must be >= 0 (the denominator must stay positive), got {self.k_init!r}")
         if not isinstance(self.per_kv_head, bool):
             raise TypeError(f"NTKConfig.per_kv_head must be True or False, got {self.per_kv_head!r}")
-        if self.mass not in MASSES:
-            raise ValueError(f"NTKConfig.mass must be one of {MASSES}, got {self.mass!r}")
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"NTKConfig.feature_dropout must be in [0, 1), got {self.feature_dropout!r}")
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops import FeatureMap, ntk_attention
-from ...ops.relative import relative_ntk_attention
 from ..attention_hook import AdapterLayer, HeadGeometry
 from .config import NTKConfig
 
@@ -77,7 +76,6 @@ class NTKLayer(AdapterLayer):
         self.m = float(config.virtual_prefix_length)
         self.k_parametrization = config.k_parametrization
         self.tied = config.z_parametrization == "tied"
-        self.attention = relative_ntk_attention if config.mass == "relative" else ntk_attention
         # One state per query head, or per key/value head (the operator shares it over the group).
         H = geometry.kv_heads if config.per_kv_head else geometry.heads
         r, d_v = self.feature_map.feature_dim(geometry.head_dim), geometry.v_head_dim
@@ -117,8 +115,6 @@ class NTKLayer(AdapterLayer):
         H as there)."""
         if not hasattr(self, "z"):
             raise ValueError("set_ntk_state needs a full Z: the adapter has rank set")
-        if self.attention is not ntk_attention:
-            raise ValueError("set_ntk_state stores a prefix's closed form, which is absolute: use NTKConfig(mass='absolute')")
         if z.shape != self.z.shape or kvec.shape != self.k.shape:
             raise ValueError(f"set_ntk_state: expected z {tuple(self.z.shape)} and k {tuple(self.k.shape)}, "
                              f"got {tuple(z.shape)} and {tuple(kvec.shape)}")
@@ -150,7 +146,7 @@ class NTKLayer(AdapterLayer):
         fmap = self.feature_map
         if self.training and self.feature_dropout > 0:
             fmap = _DroppedFeatures(fmap, self.feature_dropout)
-        return self.attention(
+        return ntk_attention(
             query, key, value, z, kvec,
             feature_map=fmap, causal=causal, attn_mask=attention_mask, scale=scale, dropout_p=dropout,
         )
