@@ -7,7 +7,9 @@ from .feature_maps import (
     FeatureMap,
     RandomFeatureMap,
     TaylorFeatureMap,
+    feature_map_names,
     get_feature_map,
+    register_feature_map,
 )
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "RandomFeatureMap",
     "CallableFeatureMap",
     "get_feature_map",
+    "register_feature_map",
+    "feature_map_names",
 ]
