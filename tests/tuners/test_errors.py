@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
 from torch import nn
 from tuner_models import build
 
-from ntk_attention import NTKConfig, NTKModel, PrefixConfig, get_ntk_model
+from ntk_attention import NTKConfig, PrefixConfig, adapter_config, get_ntk_model
 from ntk_attention.tuners import read_adapter_config
 
 
@@ -25,7 +26,7 @@ def test_adapter_for_a_base_of_another_shape(saved):
 
     other = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128))
     with pytest.raises(ValueError, match=r"ntk_adapter\.z has shape \(4, 16, 16\), this model needs \(4, 24, 24\)"):
-        NTKModel.from_pretrained(other, saved)
+        PeftModel.from_pretrained(other, saved)
 
 
 def test_adapter_with_missing_layers(saved):
@@ -33,14 +34,14 @@ def test_adapter_with_missing_layers(saved):
 
     deeper = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128))
     with pytest.raises(ValueError, match=r"does not fit this model: missing \['model\.layers\.2"):
-        NTKModel.from_pretrained(deeper, saved)
+        PeftModel.from_pretrained(deeper, saved)
 
 
 def test_corrupt_safetensors(saved):
     weights = saved / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
-        NTKModel.from_pretrained(build("llama-gqa"), saved)
+        PeftModel.from_pretrained(build("llama-gqa"), saved)
 
 
 def test_non_finite_values(saved):
@@ -51,7 +52,7 @@ def test_non_finite_values(saved):
     tensors["model.layers.0.self_attn.ntk_adapter.z"][0, 0, 0] = float("nan")
     save_file(tensors, weights)
     with pytest.raises(ValueError, match="must hold finite"):
-        NTKModel.from_pretrained(build("llama-gqa"), saved)
+        PeftModel.from_pretrained(build("llama-gqa"), saved)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +68,7 @@ def test_bad_config_file(saved, edit, message):
     path = saved / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     with pytest.raises(ValueError, match=message):
-        NTKModel.from_pretrained(build("llama-gqa"), saved)
+        PeftModel.from_pretrained(build("llama-gqa"), saved)
 
 
 def test_config_file_is_not_json(saved):
@@ -78,7 +79,7 @@ def test_config_file_is_not_json(saved):
 
 def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
-        NTKModel.from_pretrained(build("llama-gqa"), tmp_path)
+        PeftModel.from_pretrained(build("llama-gqa"), tmp_path)
 
 
 def test_config_records_what_eval_needs(saved):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tuner_models import randomize_adapter, train_steps
 
-from ntk_attention import NTKConfig, NTKModel, PrefixConfig, get_ntk_model
+from ntk_attention import NTKConfig, PrefixConfig, adapter_config, get_ntk_model
 
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the story is lame and the acting is worse ."]
 
@@ -26,9 +27,9 @@ def test_minilm_identity_count_training_and_round_trip(minilm_dir, tmp_path):
     model = get_ntk_model(base, NTKConfig(task_type="SEQ_CLS", k_init=0.0))
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reference)
-    ntk = sum(p.numel() for n, p in model.adapter_state_dict().items() if ".ntk_adapter." in n)
+    ntk = sum(p.numel() for n, p in get_peft_model_state_dict(model).items() if ".ntk_adapter." in n)
     assert ntk == 6 * 12 * (32 * 32 + 32) == 76_032
-    assert {n for n in model.adapter_state_dict() if ".ntk_adapter." not in n} == {"classifier.weight", "classifier.bias"}
+    assert {n for n in get_peft_model_state_dict(model) if ".ntk_adapter." not in n} == {"classifier.weight", "classifier.bias"}
 
     losses = train_steps(model, batch, steps=4, lr=1e-3)
     assert losses[-1] < losses[0]
@@ -36,7 +37,7 @@ def test_minilm_identity_count_training_and_round_trip(minilm_dir, tmp_path):
     with torch.no_grad():
         expected = model(**inputs).logits
     model.save_pretrained(tmp_path)
-    loaded = NTKModel.from_pretrained(fresh(), tmp_path)
+    loaded = PeftModel.from_pretrained(fresh(), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, expected)
 
@@ -52,7 +53,7 @@ def test_smollm2_identity_cache_and_left_padding(smollm2, tmp_path):
     try:
         with torch.no_grad():
             assert torch.equal(model(**batch).logits, reference)
-        assert model.adapter_config.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert adapter_config(model).gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
         randomize_adapter(model, scale=0.05)
         greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
         batched = model.generate(**batch, **greedy)

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import torch
+from peft import get_peft_model, get_peft_model_state_dict
 
 from ..io import save_figure, write_json, write_text
-from ..tuners import NTKConfig, PrefixConfig, get_ntk_model
+from ..tuners import NTKConfig, PrefixConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -157,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
     decode(base, prompt[:, :8], 2, args.device)  # warm-up
     rows = []
     for method, m, config in tqdm(list(methods(args.prefix_lengths)), desc="bench generate"):
-        model = base if config is None else get_ntk_model(base, config)
-        adapter = 0 if config is None else sum(p.numel() * p.element_size() for p in model.adapter_state_dict().values())
+        model = base if config is None else get_peft_model(base, config)
+        adapter = 0 if config is None else sum(p.numel() * p.element_size() for p in get_peft_model_state_dict(model).values())
         rows.append({"method": method, "m": m, "adapter_mib": adapter / 2**20, **decode(model, prompt, args.new_tokens, args.device)})
         if config is not None:
             model.unload()

@@ -1,7 +1,8 @@
 """``ntk-attn eval --adapter DIR --data FILE``: score a folder written by ``ntk-attn train``.
 
 The folder's ``training_run.json`` names the base model, task, method and columns, so nothing else
-is needed. ``--model NAME_OR_DIR`` instead scores an untuned causal LM, the baseline of a comparison.
+is needed. ``--model NAME_OR_DIR`` alone scores an untuned causal LM, the baseline of a comparison; with
+``--adapter`` it names the base model to put the adapter on (the recorded one lives on another machine).
 Prints one JSON object: ``accuracy`` and ``loss`` for classification; ``loss`` (answer tokens only)
 and ``exact_match`` of the final number, greedy decoding, for causal LM.
 """
@@ -31,9 +32,9 @@ NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapter", help="folder written by ntk-attn train (<output-dir>/adapter)")
-    source.add_argument("--model", help="an untuned causal LM (hub name or local folder) to score as a baseline")
+    parser.add_argument("--adapter", help="folder written by ntk-attn train (<output-dir>/adapter)")
+    parser.add_argument("--model", help="alone: an untuned causal LM (hub name or local folder) to score as a baseline; "
+                                        "with --adapter: the base model to load it on instead of the recorded one")
     parser.add_argument("--gguf-file", default=None, help="with --model: GGUF file inside the model folder")
     parser.add_argument("--data", required=True, help=".tsv/.csv/.jsonl/.json file or hub NAME[:CONFIG]:SPLIT")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -83,7 +84,10 @@ def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int
 def evaluate(args) -> dict:
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    run = base_run(args) if args.model else M.read_run(args.adapter)  # checked before loading anything heavy
+    if not (args.adapter or args.model):
+        raise ValueError("ntk-attn eval needs --adapter DIR, --model NAME_OR_DIR, or both")
+    baseline = args.adapter is None
+    run = base_run(args) if baseline else M.read_run(args.adapter)  # checked before loading anything heavy
     task = run["task"]
     columns = D.Columns(
         text=args.text_column, label=args.label_column or run.get("label_column", "label"),
@@ -96,7 +100,8 @@ def evaluate(args) -> dict:
     D.check_table(table, task, columns, args.data, run.get("num_labels"))
     table = D.first_rows(table, args.eval_size)
 
-    model, tokenizer, run = load_base_for_eval(args) if args.model else M.load_trained(args.adapter)
+    model, tokenizer, run = (load_base_for_eval(args) if baseline
+                             else M.load_trained(args.adapter, model=args.model, gguf_file=args.gguf_file))
     max_length = args.max_length or run.get("max_length") or 512
     encoded = encode(table, tokenizer, task, columns, max_length, args.data)
     with tempfile.TemporaryDirectory() as scratch:

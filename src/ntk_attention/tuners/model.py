@@ -15,6 +15,7 @@ import re
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -143,8 +144,16 @@ class AttentionTuner(BaseTuner):
             if isinstance(getattr(module, ADAPTER_ATTR, None), AttentionAdapterLayer):
                 delattr(module, ADAPTER_ATTR)
         pretrained.set_attn_implementation(base_implementation_of(pretrained.config._attn_implementation))
-        # PEFT's part: each ModulesToSaveWrapper gives back its trained copy (PEFT's unload semantics).
-        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        # Each ModulesToSaveWrapper gives back its active trained copy (PEFT's unload semantics). Done here and
+        # not by BaseTuner's loop, whose _replace_module assumes a module with .weight (a RoBERTa head has none).
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                parent, _, child = name.rpartition(".")
+                restored = module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, restored)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
 
 
 def adapter_states(model: nn.Module, adapter_name: str | None = None) -> list[AdapterState]:
