@@ -16,7 +16,7 @@ from peft import PeftModel
 from tuner_models import build, inputs_for, randomize_adapter, train_steps
 
 from ntk_attention import NTKConfig, adapter_config, adapter_states, get_ntk_model
-from ntk_attention.tuners.ntk.model import _Gated
+from ntk_attention.tuners.ntk.layer import _Gated
 
 
 def output_over_value_range(z_parametrization: str, lr: float) -> torch.Tensor:

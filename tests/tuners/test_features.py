@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from tuner_models import build, inputs_for, randomize_adapter
 
 from ntk_attention import NTKConfig, PrefixConfig, adapter_config, adapter_states, get_ntk_model
-from ntk_attention.tuners.ntk.model import _NonNegative
+from ntk_attention.tuners.ntk.layer import _NonNegative
 
 
 def loss_and_grads(model, batch):

@@ -78,6 +78,11 @@ class AttentionTuner(BaseTuner):
         if heads and not any(n.split(".")[-1] in heads for n in names):
             raise ValueError(f"task_type={peft_config.task_type!r} trains the head {list(heads)}, but {cls_name} has none; "
                              "load the model with its task head (e.g. AutoModelForSequenceClassification)")
+        task_heads = set(heads)
+        absent = [m for m in (peft_config.modules_to_save or []) if m not in task_heads
+                  and not any(n == m or n.endswith("." + m) for n in names)]
+        if absent:
+            raise ValueError(f"modules_to_save: no module named {absent} in {cls_name}")
         if not peft_config.base_model_name_or_path:
             peft_config.base_model_name_or_path = pretrained.config._name_or_path or None
         if peft_config.gguf_file is None:
@@ -113,6 +118,8 @@ class AttentionTuner(BaseTuner):
             target.add_module(ADAPTER_ATTR, layer)
         elif not isinstance(layer, self.tuner_layer_cls):
             raise ValueError(f"{current_key} already has a {type(layer).__name__}; a model takes one adapter method at a time")
+        elif adapter_name in layer.states:
+            raise ValueError(f"{current_key} already has an adapter named {adapter_name!r}; unload() it or add_adapter() another name")
         layer.update_layer(adapter_name, peft_config, device=next(target.parameters()).device)
 
     @classmethod
