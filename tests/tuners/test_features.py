@@ -21,8 +21,8 @@ def loss_and_grads(model, batch):
 
 @pytest.mark.parametrize(
     "config",
-    [NTKConfig(rank=4, k_init=0.0), NTKConfig(feature_map="random", num_features=24, k_init=0.0),
-     NTKConfig(feature_map="taylor", degree=2, k_init=0.0)],
+    [NTKConfig(rank=4, k_init=0.0), NTKConfig(feature_map="random:num_features=24", k_init=0.0),
+     NTKConfig(feature_map="taylor:degree=2", k_init=0.0)],
     ids=["rank4", "random24", "taylor2"],
 )
 def test_options_start_at_identity_and_train_every_tensor(config):

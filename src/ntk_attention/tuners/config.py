@@ -146,6 +146,7 @@ class AdapterConfig(PeftConfig):
     """
 
     PEFT_TYPE: ClassVar[str] = ""
+    from_file: ClassVar[bool] = False  # set on instances read by from_pretrained
     default_learning_rate: ClassVar[float]
     learning_rate_grid: ClassVar[tuple[float, ...]]
 
@@ -221,7 +222,9 @@ class AdapterConfig(PeftConfig):
         folder = Path(pretrained_model_name_or_path, subfolder or "")
         if (folder / CONFIG_NAME).is_file():
             check_folder(folder, cls)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.from_file = True  # its base_model_class is checked against the model it is loaded on
+        return config
 
 
 def read_config_file(folder: str | os.PathLike) -> dict:

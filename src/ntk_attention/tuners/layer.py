@@ -51,7 +51,7 @@ class AttentionAdapterLayer(nn.Module, BaseTunerLayer):
         return getattr(self, self.adapter_layer_names[0])
 
     def update_layer(self, adapter_name: str, config, device) -> None:
-        self.states[adapter_name] = self.state_class(config, self.geometry).to(device)
+        self.states[adapter_name] = self.state_class(config, self.geometry).to(device).train(self.training)
         self.set_adapter(self.active_adapters)
 
     def active_state(self) -> AdapterState | None:

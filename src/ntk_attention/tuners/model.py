@@ -68,9 +68,9 @@ class AttentionTuner(BaseTuner):
                 f"{SUPPORTED_BASE_IMPLEMENTATIONS}: load the model with attn_implementation='sdpa'"
             )
         cls_name = type(pretrained).__name__
-        if peft_config.base_model_class is None:
+        if not peft_config.from_file:  # a config made in code goes with whatever model it is given
             peft_config.base_model_class = cls_name
-        elif peft_config.base_model_class != cls_name:
+        elif peft_config.base_model_class not in (None, cls_name):
             raise ValueError(f"the adapter was made for a {peft_config.base_model_class}, this model is a {cls_name}; "
                              "load the base with the same class (e.g. AutoModelForSequenceClassification for SEQ_CLS)")
         heads = TASK_HEADS.get(peft_config.task_type, ())
