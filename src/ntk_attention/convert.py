@@ -34,6 +34,7 @@ from .tuners import NTKConfig, PrefixConfig, adapter_states
 from .tuners.attention_hook import ADAPTER_ATTR, find_attention_modules
 from .tuners.config import AdapterConfig
 from .tuners.model import transformers_model
+from .tuners.ntk.config import fold_feature_options
 
 __all__ = ["ntk_from_prefix", "compress_context", "prefix_from_peft", "context_prefix", "prefix_tensors"]
 
@@ -163,9 +164,6 @@ def _ntk_adapter(base: nn.Module, tensors, config: NTKConfig) -> PeftModel:
     return model
 
 
-FEATURE_OPTIONS = {"num_features": "num_features", "degree": "degree", "seed": "seed", "feature_seed": "seed"}
-
-
 def _ntk_config(m: int, fields: dict, feature_map: str, options: dict) -> NTKConfig:
     """NTK config of a conversion: Z and k stored as averages over the m prefix tokens (``virtual_prefix_length = m``).
 
@@ -173,11 +171,10 @@ def _ntk_config(m: int, fields: dict, feature_map: str, options: dict) -> NTKCon
     it is stored unconstrained (``k_parametrization="signed"``) unless the caller chose otherwise.
     Feature-map keywords (``num_features``, ``degree``, ``seed`` / ``feature_seed``) join the spec.
     """
-    options = dict(options)
-    feature_options = {FEATURE_OPTIONS[k]: options.pop(k) for k in list(options) if k in FEATURE_OPTIONS}
-    fmap = get_feature_map(feature_map, **feature_options)
+    options = fold_feature_options({"feature_map": feature_map, **options})
+    fmap = get_feature_map(options["feature_map"])
     options = {"k_parametrization": "nonneg" if fmap.positive_features else "signed", **options}
-    return NTKConfig(feature_map=fmap.spec(), virtual_prefix_length=float(m), **fields, **options)
+    return NTKConfig(virtual_prefix_length=float(m), **fields, **options)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,9 +84,12 @@ def method_config(method: str, task: str, options: dict):
         defaults = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
         task_type = peft.TaskType.SEQ_CLS if task == "classification" else peft.TaskType.CAUSAL_LM
         return _make_config(peft.LoraConfig, {**defaults, **options, "task_type": task_type}, method)
-    from ..tuners import METHODS
+    from ..tuners import METHODS as TUNER_METHODS
+    from ..tuners.ntk.config import fold_feature_options
 
-    return _make_config(METHODS[method].config_class, options, method)
+    if method == "ntk":  # --config feature_map=random num_features=64 joins the spec
+        options = fold_feature_options(options)
+    return _make_config(TUNER_METHODS[method].config_class, options, method)
 
 
 def _make_config(config_class, options: dict, method: str):

@@ -15,8 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..ops import get_feature_map
 from .attention_hook import ADAPTER_ATTR
+from .ntk.config import fold_feature_options
 from .config import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, check_version, read_config_file
 from .registry import METHODS
 
@@ -36,15 +36,11 @@ def legacy_config(data: dict, source: str):
                          "per model, so this folder cannot be loaded")
     cls = METHODS[method].config_class
     if method == "ntk":
-        name = data.pop("feature_map", "elu")
-        options = {"random": {"num_features": data.pop("num_features", None), "seed": data.pop("feature_seed", 0)},
-                   "taylor": {"degree": data.pop("degree", None)}}.get(name, {})
-        for option in ("num_features", "degree", "feature_seed"):
-            if data.pop(option, None) not in (None, 0):
-                raise ValueError(f"{source}: option {option!r} does not apply to feature_map={name!r}")
+        if data.get("feature_map", "elu") != "random" and data.get("feature_seed") == 0:
+            del data["feature_seed"]  # written for every map, used by "random" only
         try:
-            data["feature_map"] = get_feature_map(name, **options).spec()
-        except (TypeError, ValueError) as err:
+            data = fold_feature_options(data)
+        except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
         data.setdefault("z_parametrization", "free")  # files from before the field trained a free Z
     known = {f.name for f in dataclasses.fields(cls)}

@@ -10,6 +10,24 @@ from ..config import AdapterConfig, check_number
 
 K_PARAMETRIZATIONS = ("nonneg", "softplus", "signed")
 Z_PARAMETRIZATIONS = ("tied", "free")
+# Feature-map options as separate keywords (older files, ``--config num_features=64``) -> the map's option name.
+FEATURE_OPTION_KEYWORDS = {"num_features": "num_features", "degree": "degree", "seed": "seed", "feature_seed": "seed"}
+
+
+def fold_feature_options(options: dict) -> dict:
+    """``options`` with ``num_features`` / ``degree`` / ``feature_seed`` / ``seed`` folded into the
+    ``feature_map`` spec (``{"feature_map": "random", "num_features": 64}`` -> ``"random:num_features=64:seed=0"``).
+    None values (absent options in older files) are dropped."""
+    options = dict(options)
+    keywords = {FEATURE_OPTION_KEYWORDS[k]: options.pop(k) for k in list(options) if k in FEATURE_OPTION_KEYWORDS}
+    keywords = {k: v for k, v in keywords.items() if v is not None}
+    if keywords:
+        name = options.get("feature_map", "elu")
+        try:
+            options["feature_map"] = get_feature_map(name, **keywords).spec()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"NTKConfig.feature_map={name!r} with {keywords}: {err}") from None
+    return options
 
 
 @dataclass
