@@ -13,7 +13,7 @@ from torch import nn
 from tuner_models import build
 
 from ntk_attention import NTKConfig, PrefixConfig, get_feature_map, ntk_attention
-from ntk_attention.tuners.config import sha256_of
+from ntk_attention.tuners.config import adapter_sha256
 
 
 @pytest.fixture()
@@ -24,8 +24,21 @@ def saved(tmp_path):
 
 
 def rewrite_config(folder, **edit):
+    """Edit fields and sign the result, as a consistent file with those values would be."""
     path = folder / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    data = {**json.loads(path.read_text()), **edit}
+    data["adapter_sha256"] = adapter_sha256(folder / "adapter_model.safetensors", data)
+    path.write_text(json.dumps(data))
+
+
+def test_config_fields_edited_by_hand_are_refused_except_the_base_reference(saved):
+    path = saved / "adapter_config.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "base_model_name_or_path": "my-org/my-base", "revision": "v2"}))
+    assert PeftModel.from_pretrained(build("llama-gqa"), saved).peft_config["default"].revision == "v2"
+    path.write_text(json.dumps({**data, "virtual_prefix_length": 33.0}))
+    with pytest.raises(ValueError, match="config fields were altered"):
+        PeftModel.from_pretrained(build("llama-gqa"), saved)
 
 
 def test_adapter_for_a_base_of_another_shape(saved):
@@ -81,7 +94,7 @@ def test_non_finite_values_with_a_matching_checksum(saved):
     name = next(n for n in tensors if n.endswith(".z"))
     tensors[name][0, 0, 0] = float("nan")
     save_file(tensors, weights)
-    rewrite_config(saved, weights_sha256=sha256_of(weights))
+    rewrite_config(saved)
     with pytest.raises(ValueError, match="must hold finite"):
         PeftModel.from_pretrained(build("llama-gqa"), saved)
 
@@ -120,7 +133,7 @@ def test_missing_folder(tmp_path):
 def test_config_records_what_loading_needs(saved):
     data = json.loads((saved / "adapter_config.json").read_text())
     assert data["peft_type"] == "NTK" and data["base_model_class"] == "LlamaForCausalLM"
-    assert len(data["weights_sha256"]) == 64 and data["weights_sha256"] == sha256_of(saved / "adapter_model.safetensors")
+    assert data["adapter_sha256"] == adapter_sha256(saved / "adapter_model.safetensors", data)
     assert {"base_model_name_or_path", "gguf_file", "task_type", "library_version", "virtual_prefix_length", "feature_map"} <= data.keys()
 
 

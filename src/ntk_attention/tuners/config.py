@@ -5,10 +5,11 @@ A method's config derives from ``AdapterConfig`` and sets ``PEFT_TYPE`` (a strin
 closed, its mappings take strings) and the training defaults ``default_learning_rate`` /
 ``learning_rate_grid`` that ``ntk-attn train`` and ``compare`` read.
 
-Saving (``PeftModel.save_pretrained`` calls ``save_pretrained`` here after writing the weights) records the
-sha256 of the weights file in ``adapter_config.json`` and writes that file atomically, so a folder holds one
-save's config and weights or is refused on load (``from_pretrained`` checks the pair, the fields and the
-ntk-attention version before PEFT reads the weights).
+Saving (``PeftModel.save_pretrained`` calls ``save_pretrained`` here after writing the weights) records one
+sha256 over the weights file and the config's fields in ``adapter_config.json`` (``adapter_sha256``) and
+writes that file atomically, so a folder holds one save's config and weights or is refused on load
+(``from_pretrained`` checks the pair, the fields and the ntk-attention version before PEFT reads the
+weights). Only the base reference (``base_model_name_or_path``, ``revision``) may be edited by hand.
 """
 
 from __future__ import annotations
@@ -118,11 +119,18 @@ def weights_file(folder: str | os.PathLike) -> Path | None:
     return next((folder / n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if (folder / n).is_file()), None)
 
 
-def sha256_of(path: str | os.PathLike) -> str:
+CHECKSUM_FIELD = "adapter_sha256"
+UNBOUND_FIELDS = (CHECKSUM_FIELD, "base_model_name_or_path", "revision")  # where the base is, not what the adapter is
+
+
+def adapter_sha256(weights: str | os.PathLike, config: dict) -> str:
+    """sha256 of the weights file's bytes and the config's fields (canonical JSON, base reference left out)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(weights, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    bound = {k: v for k, v in config.items() if k not in UNBOUND_FIELDS}
+    digest.update(json.dumps(bound, sort_keys=True, allow_nan=False).encode())
     return digest.hexdigest()
 
 
@@ -142,7 +150,7 @@ class AdapterConfig(PeftConfig):
         PEFT task type) is stored as ``modules_to_save=["classifier"]`` with no task type.
     gguf_file: the GGUF file of the base, when it was loaded from one.
     base_model_class: the transformers class the adapter was made for (filled in; checked on load).
-    library_version, weights_sha256: written by ``save_pretrained`` and checked on load.
+    library_version, adapter_sha256: written by ``save_pretrained`` and checked on load.
     """
 
     PEFT_TYPE: ClassVar[str] = ""
@@ -156,7 +164,7 @@ class AdapterConfig(PeftConfig):
     gguf_file: str | None = None
     base_model_class: str | None = None
     library_version: str | None = None
-    weights_sha256: str | None = None
+    adapter_sha256: str | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -213,10 +221,10 @@ class AdapterConfig(PeftConfig):
         data = self.to_dict()
         if kwargs.get("auto_mapping_dict") is not None:
             data["auto_mapping"] = kwargs["auto_mapping_dict"]
-        weights = weights_file(folder)
-        data["weights_sha256"] = sha256_of(weights) if weights else None
         data["library_version"] = library_version()
         data = {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
+        weights = weights_file(folder)
+        data[CHECKSUM_FIELD] = adapter_sha256(weights, data) if weights else None
         write_text(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
     @classmethod
@@ -272,10 +280,11 @@ def check_folder(folder: Path, cls: type[AdapterConfig]) -> None:
     weights = weights_file(folder)
     if weights is None:
         raise FileNotFoundError(f"{folder}: no {SAFETENSORS_WEIGHTS_NAME} beside {CONFIG_NAME}")
-    recorded = data.get("weights_sha256")
+    recorded = data.get(CHECKSUM_FIELD)
     if not isinstance(recorded, str):
-        raise ValueError(f"{source} records no weights_sha256, so it cannot be matched with {weights.name}; "
+        raise ValueError(f"{source} records no {CHECKSUM_FIELD}, so it cannot be matched with {weights.name}; "
                          "save the adapter again with ntk-attention")
-    if sha256_of(weights) != recorded:
-        raise ValueError(f"{weights} does not match {source} (sha256 differs): the folder mixes two saves or the "
-                         "weights were altered; save the adapter again")
+    if adapter_sha256(weights, data) != recorded:
+        raise ValueError(f"{weights} does not match {source} (sha256 differs): the folder mixes two saves, or the "
+                         "weights or config fields were altered (only base_model_name_or_path / revision may be "
+                         "edited); save the adapter again")
