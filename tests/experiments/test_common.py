@@ -143,7 +143,7 @@ def test_rank_that_does_not_fit_is_refused(rank):
 
 @pytest.mark.parametrize(
     "spec, message",
-    [("softmax", "unknown feature map"), ("elu:3", "expected key=value"), ("random:x", "num_features must be a positive int"),
+    [("softmax", "unknown feature_map"), ("elu:3", "expected key=value"), ("random:x", "num_features must be a positive int"),
      ("taylor:5", "degree must be 1 or 2"), ("random:0", "num_features must be a positive int")],
 )
 def test_bad_feature_map_specs(spec, message):

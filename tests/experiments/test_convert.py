@@ -182,7 +182,7 @@ def test_conversion_errors():
         ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="taylor", k_parametrization="nonneg")
     with pytest.raises(ValueError, match="can be <= 0"):
         ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="taylor", degree=1)
-    with pytest.raises(ValueError, match="unknown feature map 'softmax'"):
+    with pytest.raises(ValueError, match="unknown feature_map 'softmax'"):
         ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="softmax")
     with pytest.raises(ValueError, match="non-empty string"):
         compress_context(model, CharTokenizer(), "")

@@ -70,7 +70,7 @@ def test_rank_quick(tmp_path):
     "argv, message",
     [
         (["approx-error", "--m", "0", "4"], "prefix lengths m must be integers >= 1"),
-        (["approx-error", "--feature-maps", "softmax"], "unknown feature map 'softmax'"),
+        (["approx-error", "--feature-maps", "softmax"], "unknown feature_map 'softmax'"),
         (["convergence", "--m", "-2"], "prefix lengths m must be integers >= 1"),
         (["rank", "--ranks", "1", "17"], "ranks \\[17\\] do not fit feature map elu"),
     ],

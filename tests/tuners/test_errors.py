@@ -168,7 +168,7 @@ def test_unsupported_base_implementation_and_a_second_method():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"feature_map": "cosine"}, "unknown feature map 'cosine'"),
+        ({"feature_map": "cosine"}, "unknown feature_map 'cosine'"),
         ({"feature_map": "elu:num_features=8"}, "feature_map='elu:num_features=8'"),
         ({"k_parametrization": "softplus", "k_init": 0.0}, "k_init must be > 0"),
         ({"virtual_prefix_length": 0}, "virtual_prefix_length must be > 0"),

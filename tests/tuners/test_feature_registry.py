@@ -51,7 +51,7 @@ def test_keyword_calls_still_work():
         get_feature_map("random:num_features=8", num_features=16)
 
 
-@pytest.mark.parametrize("spec, message", [("cosine", "unknown feature map 'cosine'"), ("random:64:128", "expected key=value"),
+@pytest.mark.parametrize("spec, message", [("cosine", "unknown feature_map 'cosine'"), ("random:64:128", "expected key=value"),
                                            ("random:seed=1:seed=2", "repeated option"), ("taylor:degree=3", "degree must be 1 or 2"),
                                            ("elu:x=1", "takes no arguments"), ("random:num_features=x", "num_features must be a positive int")])
 def test_bad_specs(spec, message):

@@ -117,7 +117,7 @@ def parse_feature_map_spec(spec: str) -> tuple[str, dict]:
     """``"name:key=value:key=value"`` (or ``"name:VALUE"`` for the map's primary option) -> (name, options)."""
     name, *parts = spec.split(":")
     if name not in _REGISTRY:
-        raise ValueError(f"unknown feature map {name!r} in spec {spec!r}; registered: {list(feature_map_names())}")
+        raise ValueError(f"unknown feature_map {name!r} in spec {spec!r}; registered: {list(feature_map_names())}")
     options = {}
     for i, part in enumerate(parts):
         key, eq, value = part.partition("=")
