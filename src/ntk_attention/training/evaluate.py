@@ -108,7 +108,7 @@ def evaluate(args) -> dict:
         settings = FitSettings(output_dir=scratch, task=task, learning_rate=1.0, head_learning_rate=1.0,
                                eval_batch_size=args.batch_size)
         trainer = make_trainer(model, tokenizer, settings, run.get("head_modules", []))
-        result = {"adapter": args.adapter, "model": run["base_model"], "data": args.data, "method": run["method"],
+        result = {"adapter": args.adapter, "model": args.model or run["base_model"], "data": args.data, "method": run["method"],
                   "task": task, "rows": len(table), **score(trainer, encoded)}
     if task == "causal-lm":
         generate_rows = D.first_rows(table, args.generate_size)
