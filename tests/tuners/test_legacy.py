@@ -84,3 +84,31 @@ def test_the_committed_sst2_adapter_loads_from_its_package_reference(minilm_dir)
     overridden, _, _ = load_trained(str(folder), model=minilm_dir)
     with torch.no_grad():
         assert torch.equal(overridden(**batch).logits, model(**batch).logits)
+
+
+def test_eval_cli_puts_the_committed_adapter_on_another_base_folder(minilm_dir, tmp_path, capsys):
+    from ntk_attention import cli
+
+    base = tmp_path / "elsewhere"
+    shutil.copytree(minilm_dir, base)  # the same model at a path the adapter never recorded
+    data = tmp_path / "dev.tsv"
+    data.write_text("sentence\tlabel\na gorgeous , witty , seductive movie .\t1\nthe story is lame and the acting is worse .\t0\n")
+    folder = Path(__file__).parents[2] / "benchmarks" / "results" / "sst2-minilm" / "ntk"
+    assert cli.main(["eval", "--adapter", str(folder), "--model", str(base), "--data", str(data)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model"] == str(base) and result["rows"] == 2 and result["accuracy"] == 1.0
+
+
+def test_a_package_reference_that_does_not_resolve_here(tmp_path):
+    from peft import get_peft_model
+
+    from ntk_attention import NTKConfig
+    from ntk_attention.tuners.config import resolve_reference
+
+    model = get_peft_model(build("llama-gqa"), NTKConfig())
+    model.peft_config["default"].base_model_name_or_path = "pkg:not_installed_pkg/model"
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build("llama-gqa"), tmp_path)  # a given base needs no reference
+    assert loaded.peft_config["default"].base_model_name_or_path == "pkg:not_installed_pkg/model"
+    with pytest.raises(ValueError, match="Python package 'not_installed_pkg', which is not installed"):
+        resolve_reference("pkg:not_installed_pkg/model")

@@ -194,7 +194,10 @@ class AdapterConfig(PeftConfig):
                 Version(str(self.library_version))
             except InvalidVersion:
                 raise ValueError(f"{owner}.library_version must be a version such as '0.1.0', got {self.library_version!r}") from None
-        self.base_model_name_or_path = resolve_reference(self.base_model_name_or_path)
+        try:  # a pkg: reference becomes the installed path, for AutoPeftModel*; kept as is where the package is missing
+            self.base_model_name_or_path = resolve_reference(self.base_model_name_or_path)
+        except ValueError:
+            pass  # loading onto a given base does not need it; load_trained resolves it and says what is missing
 
     def head_module_names(self) -> list[str]:
         heads = list(self.modules_to_save or [])
