@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tuner_models import build, inputs_for, randomize_adapter, train_steps
+from tuner_models import build, inputs_for, train_steps
 
 from ntk_attention import NTKConfig, adapter_states, get_ntk_model
 from ntk_attention.tuners.ntk.layer import _Gated

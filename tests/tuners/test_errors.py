@@ -199,9 +199,12 @@ def test_bad_prefix_config_fields(kwargs, message):
         PrefixConfig(**kwargs)
 
 
-def test_rank_above_what_z_can_hold():
+def test_rank_above_what_z_can_hold_is_refused_before_anything_is_attached():
+    model = build("llama-gqa")
     with pytest.raises(ValueError, match=r"rank=1000 is above what Z \[r=16, d_v=16\] can hold"):
-        get_peft_model(build("llama-gqa"), NTKConfig(rank=1000))
+        get_peft_model(model, NTKConfig(rank=1000))
+    assert model.config._attn_implementation == "sdpa"
+    assert get_peft_model(model, NTKConfig(rank=16))  # the same model takes a config that fits
 
 
 def test_sequence_classification_needs_a_head():

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .attention_hook import ADAPTER_ATTR
-from .ntk.config import fold_feature_options
 from .config import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, check_version, read_config_file
+from .ntk.config import fold_feature_options
 from .registry import METHODS
 
 LEGACY_ATTR = "ntk_adapter"  # where the adapter hung on the attention module, and its tensors' names

@@ -88,8 +88,12 @@ class AttentionTuner(BaseTuner):
         if peft_config.gguf_file is None:
             peft_config.gguf_file = _gguf_file_in(peft_config.base_model_name_or_path)
         self._targets = self._select_targets(find_attention_modules(model), peft_config)
+
+    def _post_injection_hook(self, model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
+        """Only once every layer is attached: a refused config leaves the model's attention as it was."""
+        pretrained = transformers_model(model)
         register_hooks()
-        pretrained.set_attn_implementation(hook_name(base_impl))
+        pretrained.set_attn_implementation(hook_name(base_implementation_of(pretrained.config._attn_implementation)))
 
     @staticmethod
     def _select_targets(found: list[tuple[str, nn.Module]], config: AdapterConfig) -> set[str]:
@@ -112,15 +116,17 @@ class AttentionTuner(BaseTuner):
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
         layer = getattr(target, ADAPTER_ATTR, None)
-        if layer is None:
+        if layer is not None and not isinstance(layer, self.tuner_layer_cls):
+            raise ValueError(f"{current_key} already has a {type(layer).__name__}; a model takes one adapter method at a time")
+        if layer is not None and adapter_name in layer.states:
+            raise ValueError(f"{current_key} already has an adapter named {adapter_name!r}; unload() it or add_adapter() another name")
+        new = layer is None
+        if new:
             layer = self.tuner_layer_cls(head_geometry(target, target.config)).train(target.training)
             layer.set_adapter(adapter_name)
+        layer.update_layer(adapter_name, peft_config, device=next(target.parameters()).device)  # may refuse the config
+        if new:
             target.add_module(ADAPTER_ATTR, layer)
-        elif not isinstance(layer, self.tuner_layer_cls):
-            raise ValueError(f"{current_key} already has a {type(layer).__name__}; a model takes one adapter method at a time")
-        elif adapter_name in layer.states:
-            raise ValueError(f"{current_key} already has an adapter named {adapter_name!r}; unload() it or add_adapter() another name")
-        layer.update_layer(adapter_name, peft_config, device=next(target.parameters()).device)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
