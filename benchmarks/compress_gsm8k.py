@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ntk_attention import adapter_states
 from ntk_attention.bench.generate import load_model
 from ntk_attention.convert import compress_context, context_prefix
 from ntk_attention.experiments.common import markdown_table, save_json, save_text
@@ -92,7 +93,7 @@ def main() -> None:
         for spec in args.feature_maps:
             name, options = feature_options(spec)
             compressed = compress_context(model, tokenizer, context, feature_map=name, **options)
-            r = compressed.adapter_layers()[0].z.shape[1]
+            r = adapter_states(compressed)[0].z.shape[1]
             loss = mean_loss(compressed, tokenizer, tests)
             rows.append({"shots": k, "variant": f"compressed, {spec}", "loss": loss, "tokens": T,
                          "numbers": layers * heads * (r * d + r),

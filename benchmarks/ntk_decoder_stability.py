@@ -33,7 +33,7 @@ from ntk_attention.experiments.common import prefix_share
 from ntk_attention.io import write_json, write_text
 from ntk_attention.training.data import prompt_ids
 from ntk_attention.training.models import load_base, load_tokenizer
-from ntk_attention.tuners.ntk.model import NTKLayer
+from ntk_attention.tuners.ntk.layer import NTKState
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,10 +86,10 @@ def run(name: str, lr: float, steps: int, base_factory, train_batch, eval_batch)
     torch.manual_seed(0)
     model = get_ntk_model(base_factory(), NTKConfig(task_type="CAUSAL_LM", **RUNS[name]))
     layer_stats = []
-    forward = NTKLayer.forward
+    forward = NTKState.forward
 
-    def measured(layer, query, key, value, attention_mask, causal, scale, dropout):
-        out = forward(layer, query, key, value, attention_mask, causal, scale, dropout)
+    def measured(layer, query, key, value, attention_mask, causal, dropout, scale):
+        out = forward(layer, query, key, value, attention_mask, causal, dropout, scale)
         if name == "free-protect0":  # the base attention for query 0 (it sees key 0 only: its output is v_0)
             groups = query.shape[1] // key.shape[1]
             out = torch.cat([value[:, :, :1].repeat_interleave(groups, 1), out[:, :, 1:]], 2)
@@ -98,7 +98,7 @@ def run(name: str, lr: float, steps: int, base_factory, train_batch, eval_batch)
                 layer_stats.append(attention_stats(layer, query, key, value, attention_mask, scale, out))
         return out
 
-    NTKLayer.forward = measured
+    NTKState.forward = measured
     try:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         history = []
@@ -118,7 +118,7 @@ def run(name: str, lr: float, steps: int, base_factory, train_batch, eval_batch)
                   f"{worst['share0']:.2f}, lse {worst['lse0']:.2f}, |delta| {worst['delta0']:.2f} (|v| {worst['v']:.1f})", flush=True)
         return {"run": name, "lr": lr, "config": RUNS[name], "history": history}
     finally:
-        NTKLayer.forward = forward
+        NTKState.forward = forward
 
 
 def main() -> None:

@@ -166,8 +166,9 @@ def main() -> None:
         base_logits = base(**eval_batches[0]).logits
     untuned = answer_loss(base, eval_batches)
     print(f"untuned eval loss {untuned:.3f}", flush=True)
-    record = {"command": "python benchmarks/ntk_default_form.py " + " ".join(
-                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+    words = [f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else " " + (" ".join(map(str, v)) if isinstance(v, list) else str(v)))
+             for k, v in vars(args).items() if v is not False]
+    record = {"command": "python benchmarks/ntk_default_form.py " + " ".join(words),
               "forms": args.forms, "lr": args.lr, "steps": args.steps, "batch_size": args.batch_size,
               "train_rows": args.train_rows, "eval_rows": args.eval_rows, "untuned_eval_loss": untuned,
               "loss_on": "every token of question + answer" if args.whole_text else "answer tokens (chat template)",

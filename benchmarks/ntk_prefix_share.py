@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ntk_attention import NTKConfig, get_ntk_model
+from ntk_attention import NTKConfig, adapter_states, get_ntk_model
 from ntk_attention.experiments.common import prefix_share
 from ntk_attention.training.data import load_table
 
@@ -42,7 +42,7 @@ def run(m: float, rows, tokenizer, model_dir: str, steps: int, lr: float) -> Non
         with torch.no_grad():
             shares.append(layer_prefix_share(layer, args[0], args[1], kwargs["attention_mask"], kwargs["scale"]))
 
-    for layer in model.adapter_layers():
+    for layer in adapter_states(model):
         layer.register_forward_hook(record, with_kwargs=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()

@@ -12,6 +12,7 @@ from ntk_attention.experiments.common import (
     NTKState,
     apply_quick,
     check_prefix_lengths,
+    feature_map_label,
     fit_ntk_state,
     no_prefix_attention,
     parse_feature_map,
@@ -142,7 +143,7 @@ def test_rank_that_does_not_fit_is_refused(rank):
 
 @pytest.mark.parametrize(
     "spec, message",
-    [("softmax", "unknown feature_map"), ("elu:3", "only 'taylor:DEGREE'"), ("random:x", "must be an integer"),
+    [("softmax", "unknown feature_map"), ("elu:3", "expected key=value"), ("random:x", "num_features must be a positive int"),
      ("taylor:5", "degree must be 1 or 2"), ("random:0", "num_features must be a positive int")],
 )
 def test_bad_feature_map_specs(spec, message):
@@ -151,8 +152,9 @@ def test_bad_feature_map_specs(spec, message):
 
 
 def test_feature_map_specs():
-    assert parse_feature_map("taylor:1").to_config() == {"feature_map": "taylor", "degree": 1}
+    assert parse_feature_map("taylor:1").spec() == "taylor:degree=1"
     assert parse_feature_map("random:32").feature_dim(8) == 32
+    assert feature_map_label(parse_feature_map("random:num_features=32:seed=4")) == "random:32"
 
 
 def test_bad_inputs_and_lengths():

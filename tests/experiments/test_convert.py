@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from peft import PrefixTuningConfig, get_peft_model
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from ntk_attention import prefix_to_ntk
+from ntk_attention import adapter_config, adapter_states, prefix_to_ntk
 from ntk_attention.convert import compress_context, context_prefix, ntk_from_prefix, prefix_from_peft, prefix_tensors
-from ntk_attention.tuners import NTKConfig, NTKModel, PrefixConfig, get_ntk_model
+from ntk_attention.tuners import NTKConfig, PrefixConfig, get_ntk_model
 
 VOCAB = 64
 
@@ -29,7 +29,7 @@ class CharTokenizer:
 def randomised_prefix_model(base, m: int = 6, std: float = 1.0, **fields):
     model = get_ntk_model(base, PrefixConfig(num_virtual_tokens=m, **fields))
     with torch.no_grad():
-        for layer in model.adapter_layers():
+        for layer in adapter_states(model):
             layer.prefix_k.normal_(0, std)
             layer.prefix_v.normal_(0, std)
     return model.eval()
@@ -60,14 +60,14 @@ def test_peft_prefix_becomes_an_exact_prefix_adapter():
 def test_ntk_from_prefix_is_the_closed_form_per_layer_and_head():
     prefix_model = randomised_prefix_model(tiny_llama())
     ntk = ntk_from_prefix(prefix_model, feature_map="elu")
-    assert ntk.adapter_config.virtual_prefix_length == 6
-    for (k, v), layer in zip(prefix_tensors(prefix_model), ntk.adapter_layers()):
+    assert adapter_config(ntk).virtual_prefix_length == 6
+    for (k, v), layer in zip(prefix_tensors(prefix_model), adapter_states(ntk)):
         z, kvec = layer.ntk_state()
         z_ref, k_ref = prefix_to_ntk(k.repeat_interleave(2, 0), v.repeat_interleave(2, 0), feature_map="elu", scale=8**-0.5)
         torch.testing.assert_close(z, z_ref)
         torch.testing.assert_close(kvec, k_ref)
     # the prefix model itself is untouched and still runs
-    assert prefix_model.adapter_config.method == "prefix"
+    assert isinstance(adapter_config(prefix_model), PrefixConfig)
     prefix_model(input_ids=torch.randint(0, VOCAB, (1, 4)))
 
 
@@ -87,8 +87,8 @@ def test_taylor_conversion_stores_a_signed_k_and_is_near_exact_for_small_logits(
     prefix_model = randomised_prefix_model(tiny_llama(), m=8, std=1.0)
     ids = torch.randint(0, VOCAB, (2, 12))
     ntk = ntk_from_prefix(prefix_model, feature_map="taylor", degree=2)
-    assert ntk.adapter_config.k_parametrization == "signed"
-    for (k, v), layer in zip(prefix_tensors(prefix_model), ntk.adapter_layers()):
+    assert adapter_config(ntk).k_parametrization == "signed"
+    for (k, v), layer in zip(prefix_tensors(prefix_model), adapter_states(ntk)):
         z, kvec = layer.ntk_state()
         z_ref, k_ref = prefix_to_ntk(k.repeat_interleave(2, 0), v.repeat_interleave(2, 0), feature_map="taylor", scale=8**-0.5)
         assert (k_ref < 0).any()  # what "nonneg" could not store
@@ -108,9 +108,9 @@ def test_signed_k_round_trips_save_and_load(tmp_path):
     ntk = ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="taylor")
     ids = torch.randint(0, VOCAB, (1, 7))
     ntk.save_pretrained(tmp_path)
-    loaded = NTKModel.from_pretrained(tiny_llama(), tmp_path).eval()
-    assert loaded.adapter_config.k_parametrization == "signed"
-    for a, b in zip(ntk.adapter_layers(), loaded.adapter_layers()):
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert adapter_config(loaded).k_parametrization == "signed"
+    for a, b in zip(adapter_states(ntk), adapter_states(loaded)):
         assert (b.ntk_state()[1] < 0).any()
         torch.testing.assert_close(a.ntk_state(), b.ntk_state(), rtol=0, atol=0)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_trained_heads_come_along():
         prefix_model.base_model.classifier.weight.add_(1.0)
     ntk = ntk_from_prefix(prefix_model, feature_map="random", num_features=64)
     torch.testing.assert_close(ntk.base_model.classifier.weight, prefix_model.base_model.classifier.weight)
-    assert ntk.adapter_config.task_type == "SEQ_CLS"
+    assert adapter_config(ntk).task_type == "SEQ_CLS"
 
 
 def test_context_prefix_is_exactly_the_text_in_front():
@@ -146,9 +146,9 @@ def test_compress_context_keeps_a_fixed_size_state():
     model = tiny_llama()
     tok = CharTokenizer()
     short, long = compress_context(model, tok, "abc", feature_map="elu"), compress_context(model, tok, "abc" * 50, feature_map="elu")
-    for a, b in zip(short.adapter_layers(), long.adapter_layers()):
+    for a, b in zip(adapter_states(short), adapter_states(long)):
         assert a.z.shape == b.z.shape == (4, 8, 8) and a.k.shape == (4, 8)
-    assert long.adapter_config.virtual_prefix_length == 150
+    assert adapter_config(long).virtual_prefix_length == 150
     q_ids = tok("what?")["input_ids"]
     text = "a long text about many things"
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_per_kv_head_conversions_keep_one_state_per_kv_head_and_the_same_outputs
     for convert in (lambda **o: compress_context(model, tok, "some context text", feature_map="random", num_features=64, **o),
                     lambda **o: ntk_from_prefix(prefix_model, feature_map="elu", **o)):
         per_query, per_kv = convert(), convert(per_kv_head=True)
-        assert all(layer.z.shape[0] == 2 and layer.k.shape == (2, layer.z.shape[1]) for layer in per_kv.adapter_layers())
+        assert all(layer.z.shape[0] == 2 and layer.k.shape == (2, layer.z.shape[1]) for layer in adapter_states(per_kv))
         with torch.no_grad():
             torch.testing.assert_close(per_kv(input_ids=ids).logits, per_query(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
 
@@ -176,13 +176,13 @@ def test_conversion_errors():
     model = tiny_llama()
     with pytest.raises(TypeError, match="prefix"):
         ntk_from_prefix(model)
-    with pytest.raises(TypeError, match="method 'ntk'"):
+    with pytest.raises(TypeError, match="got a NTKConfig adapter"):
         ntk_from_prefix(get_ntk_model(tiny_llama(), NTKConfig()))
     with pytest.raises(ValueError, match="k_parametrization='signed'"):
         ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="taylor", k_parametrization="nonneg")
     with pytest.raises(ValueError, match="can be <= 0"):
         ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="taylor", degree=1)
-    with pytest.raises(ValueError, match="feature_map must be one of"):
+    with pytest.raises(ValueError, match="unknown feature_map 'softmax'"):
         ntk_from_prefix(randomised_prefix_model(tiny_llama()), feature_map="softmax")
     with pytest.raises(ValueError, match="non-empty string"):
         compress_context(model, CharTokenizer(), "")

@@ -4,7 +4,7 @@
 
 POINT is one of
     step:N                 at the start of the N-th optimizer step (mid-epoch)
-    checkpoint:N:FILE      half-way through writing FILE of checkpoint-N (model.safetensors,
+    checkpoint:N:FILE      half-way through writing FILE of checkpoint-N (adapter_model.safetensors,
                            optimizer.pt or trainer_state.json): the file is cut, then the kill
     save                   while the finished adapter is being written (save_trained)
 """
@@ -21,7 +21,6 @@ import torch
 import transformers
 
 from ntk_attention import cli
-from ntk_attention.training import fit
 
 
 def die() -> None:
@@ -55,8 +54,10 @@ def arm(point: str) -> None:
         transformers.Trainer.training_step = counted
     elif kind == "checkpoint":
         step, name = int(rest[0]), rest[1]
-        if name == "model.safetensors":
-            save_file = fit.save_file
+        if name == "adapter_model.safetensors":  # written by PEFT's save_pretrained (the PEFT route)
+            import peft.peft_model
+
+            save_file = peft.peft_model.safe_save_file
 
             def cut_save_file(tensors, path, **kwargs):
                 if in_checkpoint(path, step, name):
@@ -65,7 +66,7 @@ def arm(point: str) -> None:
                     write_half_and_die(path, save(tensors, **kwargs))
                 return save_file(tensors, path, **kwargs)
 
-            fit.save_file = cut_save_file
+            peft.peft_model.safe_save_file = cut_save_file
         elif name.endswith((".pt", ".pth")):
             torch_save = torch.save
 

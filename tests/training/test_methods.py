@@ -15,8 +15,8 @@ from ntk_attention.tuners import NTKConfig, PrefixConfig
 
 def test_registry_defaults_come_from_the_config_classes():
     assert methods.NAMES == ("ntk", "prefix", "lora", "full", "head")
-    for config_class in (NTKConfig, PrefixConfig):
-        method = methods.get_method(config_class.method)
+    for name, config_class in (("ntk", NTKConfig), ("prefix", PrefixConfig)):
+        method = methods.get_method(name)
         assert method.default_learning_rate == config_class.default_learning_rate
         assert method.learning_rate_grid == tuple(config_class.learning_rate_grid)
         assert method.takes_config

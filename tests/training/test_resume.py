@@ -64,7 +64,7 @@ def test_resume_skips_incomplete_checkpoints_and_says_which_it_used(tmp_path, ca
 def test_checkpoint_problems_name_the_file(tmp_path, uninterrupted):
     complete = uninterrupted / "checkpoints" / "lr-0.03" / "checkpoint-12"
     assert C.checkpoint_problem(str(complete)) is None
-    for name, problem in [("model.safetensors", "model.safetensors is not readable"), ("optimizer.pt", "optimizer.pt is cut short"),
+    for name, problem in [("adapter_model.safetensors", "adapter_model.safetensors is not readable"), ("optimizer.pt", "optimizer.pt is cut short"),
                           ("scheduler.pt", "scheduler.pt is cut short"), ("rng_state.pth", "rng_state.pth is cut short")]:
         broken = tmp_path / name
         shutil.copytree(complete, broken)
@@ -128,7 +128,7 @@ def test_runs_killed_mid_epoch_mid_checkpoint_and_mid_save_resume_to_the_uninter
     killed("step:4", argv)  # mid-epoch, before any checkpoint
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
 
-    err = killed("checkpoint:12:model.safetensors", argv)  # a cut weights file in checkpoint-12
+    err = killed("checkpoint:12:adapter_model.safetensors", argv)  # a cut weights file in checkpoint-12
     assert "no complete checkpoint" in err and "starts from the beginning" in err
 
     err = killed("save", argv)  # a half-written adapter folder

@@ -108,7 +108,7 @@ def test_eval_scores_an_untuned_causal_lm_and_generates_on_fewer_rows(capsys, ti
 
 
 def test_eval_of_a_base_model_needs_a_causal_lm_source(tmp_path, sst_files):
-    with pytest.raises(SystemExit):  # argparse: --adapter and --model exclude each other
+    with pytest.raises(ValueError, match="training_run.json is missing"):  # --model with --adapter: the base to use
         cli.main(["eval", "--adapter", str(tmp_path), "--model", "x", "--data", sst_files[1]])
     with pytest.raises(ValueError, match="does not exist"):
         cli.main(["eval", "--model", str(tmp_path / "missing"), "--data", sst_files[1]])

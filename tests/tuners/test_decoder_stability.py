@@ -8,14 +8,12 @@ steps adds ``phi(q)^T Z`` there while ``phi(q)^T k`` can be ~0 (the projection h
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from tuner_models import build, inputs_for, randomize_adapter, train_steps
+from tuner_models import build, inputs_for, train_steps
 
-from ntk_attention import NTKConfig, NTKModel, get_ntk_model
-from ntk_attention.tuners.ntk.model import _Gated
+from ntk_attention import NTKConfig, adapter_states, get_ntk_model
+from ntk_attention.tuners.ntk.layer import _Gated
 
 
 def output_over_value_range(z_parametrization: str, lr: float) -> torch.Tensor:
@@ -35,7 +33,7 @@ def output_over_value_range(z_parametrization: str, lr: float) -> torch.Tensor:
             bound = torch.maximum(bound, layer.m * layer.z.detach().abs().amax(dim=1))  # the values m W
         ratios.append((out.abs().amax(dim=0) / bound.unsqueeze(1)).amax(dim=(0, 2)))  # [L]
 
-    for layer in model.adapter_layers():
+    for layer in adapter_states(model):
         layer.register_forward_hook(record, with_kwargs=True)
     model.eval()
     with torch.no_grad():
@@ -64,18 +62,3 @@ def test_values_train_behind_closed_gates():
     z.backward(grad)
     assert torch.equal(w.grad, grad)  # as if every gate were open, also where k = 0
     assert torch.equal(k.grad, (grad * w).sum(-1))  # the true gradient of k
-
-
-def test_files_without_the_field_load_as_a_free_z(tmp_path):
-    model = get_ntk_model(build("llama-gqa"), NTKConfig(task_type="CAUSAL_LM", z_parametrization="free"))
-    randomize_adapter(model)
-    model.save_pretrained(tmp_path)
-    config_file = tmp_path / "adapter_config.json"
-    fields = json.loads(config_file.read_text())
-    del fields["z_parametrization"]  # as session-1 adapters were written
-    config_file.write_text(json.dumps(fields))
-    loaded = NTKModel.from_pretrained(build("llama-gqa"), tmp_path)
-    assert loaded.adapter_config.z_parametrization == "free"
-    batch = inputs_for("llama-gqa")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)

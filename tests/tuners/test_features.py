@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import PeftModel, get_peft_model_state_dict
 from tuner_models import build, inputs_for, randomize_adapter
 
-from ntk_attention import NTKConfig, NTKModel, PrefixConfig, get_ntk_model
-from ntk_attention.tuners.ntk.model import _NonNegative
+from ntk_attention import NTKConfig, PrefixConfig, adapter_config, adapter_states, get_ntk_model
+from ntk_attention.tuners.ntk.layer import _NonNegative
 
 
 def loss_and_grads(model, batch):
@@ -20,8 +21,8 @@ def loss_and_grads(model, batch):
 
 @pytest.mark.parametrize(
     "config",
-    [NTKConfig(rank=4, k_init=0.0), NTKConfig(feature_map="random", num_features=24, k_init=0.0),
-     NTKConfig(feature_map="taylor", degree=2, k_init=0.0)],
+    [NTKConfig(rank=4, k_init=0.0), NTKConfig(feature_map="random:num_features=24", k_init=0.0),
+     NTKConfig(feature_map="taylor:degree=2", k_init=0.0)],
     ids=["rank4", "random24", "taylor2"],
 )
 def test_options_start_at_identity_and_train_every_tensor(config):
@@ -37,7 +38,7 @@ def test_options_start_at_identity_and_train_every_tensor(config):
 
 def test_low_rank_shapes_and_count():
     model = get_ntk_model(build("llama-gqa"), NTKConfig(rank=4))
-    shapes = {n.rsplit(".", 1)[-1]: tuple(p.shape) for n, p in model.adapter_state_dict().items()}
+    shapes = {n.rsplit(".", 1)[-1]: tuple(p.shape) for n, p in get_peft_model_state_dict(model).items()}
     assert shapes == {"z_a": (4, 16, 4), "z_b": (4, 4, 16), "k": (4, 16)}
 
 
@@ -48,18 +49,18 @@ def test_state_per_kv_head_is_a_query_head_state_repeated_over_the_group(tied, t
     batch = inputs_for("llama-gqa")
     shared = get_ntk_model(build("llama-gqa"), NTKConfig(per_kv_head=True, z_parametrization=tied))
     randomize_adapter(shared)
-    assert {tuple(p.shape) for p in shared.adapter_state_dict().values()} == {(2, 16, 16), (2, 16)}
+    assert {tuple(p.shape) for p in get_peft_model_state_dict(shared).values()} == {(2, 16, 16), (2, 16)}
     repeated = get_ntk_model(build("llama-gqa"), NTKConfig(z_parametrization=tied))
     with torch.no_grad():
-        for a, b in zip(shared.adapter_layers(), repeated.adapter_layers()):
+        for a, b in zip(adapter_states(shared), adapter_states(repeated)):
             for name, p in a.named_parameters():
                 getattr(b, name).copy_(p.repeat_interleave(2, 0))
     torch.testing.assert_close(shared(**batch).logits, repeated(**batch).logits, rtol=1e-5, atol=1e-6)
     _, grads = loss_and_grads(shared, batch)
     assert all(g.abs().sum() > 0 for g in grads.values())
     shared.save_pretrained(tmp_path)
-    loaded = NTKModel.from_pretrained(build("llama-gqa"), tmp_path)
-    assert loaded.adapter_config.per_kv_head and torch.equal(loaded(**batch).logits, shared(**batch).logits)
+    loaded = PeftModel.from_pretrained(build("llama-gqa"), tmp_path)
+    assert adapter_config(loaded).per_kv_head and torch.equal(loaded(**batch).logits, shared(**batch).logits)
     with pytest.raises(TypeError, match="per_kv_head"):
         NTKConfig(per_kv_head="yes")
 
@@ -78,7 +79,7 @@ def test_k_stays_non_negative_and_recovers():
 def test_denominator_stays_positive_whatever_the_optimizer_does():
     model = get_ntk_model(build("llama-gqa"), NTKConfig())
     with torch.no_grad():
-        for layer in model.adapter_layers():
+        for layer in adapter_states(model):
             layer.k.fill_(-5.0)  # an optimizer overshoot
             _, kvec = layer.ntk_state()
             assert (kvec >= 0).all()
@@ -89,7 +90,7 @@ def test_denominator_stays_positive_whatever_the_optimizer_does():
 def test_virtual_prefix_length_scales_the_state():
     model = get_ntk_model(build("llama-gqa"), NTKConfig(virtual_prefix_length=8.0))
     randomize_adapter(model)
-    layer = model.adapter_layers()[0]
+    layer = adapter_states(model)[0]
     z, k = layer.ntk_state()
     per_token_k = layer.k.clamp_min(0)
     assert torch.equal(k, 8.0 * per_token_k)  # the mass and the values of Z = diag(k) W are both stored / m
@@ -101,7 +102,7 @@ def test_paper_parametrisation_is_not_an_identity_start():
     with torch.no_grad():
         reference = base(**batch).logits
         model = get_ntk_model(base, NTKConfig(k_parametrization="softplus", k_init=0.018, virtual_prefix_length=1.0))
-        assert torch.allclose(model.adapter_layers()[0].ntk_state()[1], torch.full((4, 16), 0.018))
+        assert torch.allclose(adapter_states(model)[0].ntk_state()[1], torch.full((4, 16), 0.018))
         assert not torch.equal(model(**batch).logits, reference)
 
 

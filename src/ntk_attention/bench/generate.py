@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import torch
+from peft import get_peft_model, get_peft_model_state_dict
 
 from ..io import save_figure, write_json, write_text
-from ..tuners import NTKConfig, PrefixConfig, get_ntk_model
+from ..tuners import NTKConfig, PrefixConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -173,8 +174,8 @@ def run(args: argparse.Namespace) -> int:
     adapters = {}
     for _ in tqdm(range(args.rounds), desc="bench generate rounds", disable=args.rounds == 1):
         for method, m, config in tqdm(cases, desc="bench generate", disable=args.rounds > 1):
-            model = base if config is None else get_ntk_model(base, config)
-            adapters[(method, m)] = 0 if config is None else sum(p.numel() * p.element_size() for p in model.adapter_state_dict().values())
+            model = base if config is None else get_peft_model(base, config)
+            adapters[(method, m)] = 0 if config is None else sum(p.numel() * p.element_size() for p in get_peft_model_state_dict(model).values())
             runs[(method, m)].append(decode(model, prompt, args.new_tokens, args.device))
             if config is not None:
                 model.unload()

@@ -47,29 +47,16 @@ def apply_quick(args: argparse.Namespace, add_arguments, quick: dict) -> None:
 
 
 def parse_feature_map(spec: str) -> FeatureMap:
-    """``elu``, ``taylor`` / ``taylor:1`` (degree), ``random:R`` (R features, seed 0)."""
+    """A feature map from its spec (``elu``, ``taylor:1``, ``random:256``, ``random:num_features=256:seed=1``)."""
     if not isinstance(spec, str):
         raise TypeError(f"feature map spec must be a string such as 'elu', 'taylor:2' or 'random:256', got {spec!r}")
-    name, _, option = spec.partition(":")
-    options = {}
-    if option:
-        if name not in ("taylor", "random"):
-            raise ValueError(f"feature map {spec!r}: only 'taylor:DEGREE' and 'random:NUM_FEATURES' take an option")
-        try:
-            number = int(option)
-        except ValueError:
-            raise ValueError(f"feature map {spec!r}: the option after ':' must be an integer") from None
-        options = {"degree": number} if name == "taylor" else {"num_features": number}
-    return get_feature_map(name, **options)
+    return get_feature_map(spec)
 
 
 def feature_map_label(fmap: FeatureMap) -> str:
-    cfg = fmap.to_config()
-    if cfg["feature_map"] == "random":
-        return f"random:{cfg['num_features']}"
-    if cfg["feature_map"] == "taylor":
-        return f"taylor:{cfg['degree']}"
-    return cfg["feature_map"]
+    """Short label for tables and plots: the name and the primary option's value (``random:256``)."""
+    primary = fmap.primary_option
+    return f"{fmap.name}:{fmap.options()[primary]}" if primary else fmap.name
 
 
 def check_prefix_lengths(lengths) -> list[int]:

@@ -8,7 +8,9 @@ from .feature_maps import (
     FeatureMap,
     RandomFeatureMap,
     TaylorFeatureMap,
+    feature_map_names,
     get_feature_map,
+    register_feature_map,
 )
 
 __all__ = [
@@ -25,4 +27,6 @@ __all__ = [
     "RandomFeatureMap",
     "CallableFeatureMap",
     "get_feature_map",
+    "register_feature_map",
+    "feature_map_names",
 ]

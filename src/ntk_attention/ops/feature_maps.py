@@ -9,6 +9,7 @@ a bfloat16 ``phi`` would lose the small prefix term next to the softmax sum.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Union
 
 import torch
@@ -21,7 +22,8 @@ __all__ = [
     "RandomFeatureMap",
     "CallableFeatureMap",
     "get_feature_map",
-    "FEATURE_MAP_NAMES",
+    "register_feature_map",
+    "feature_map_names",
 ]
 
 
@@ -30,11 +32,18 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class FeatureMap:
-    """Base class. Subclasses define ``feature_dim`` and ``__call__``."""
+    """Base class. Subclasses define ``feature_dim`` and ``__call__``; named ones are registered with
+    ``@register_feature_map(name)`` and take their options as constructor keywords (JSON scalars), which
+    ``options()`` gives back so that ``spec()`` rebuilds the same map through ``get_feature_map``."""
 
     name: str = "custom"
     # True where phi(q).phi(k) >= 0 for all q, k (then c = phi(q)^T kvec >= 0 for a sum of phi(k)).
     nonnegative: bool = True
+    # True where every component of phi(x) is >= 0, so that k = sum_j phi(kP_j) is >= 0 entry by entry
+    # (the closed-form conversions store k unconstrained otherwise).
+    positive_features: bool = True
+    # The option a short spec "name:VALUE" sets (``"random:256"``), or None.
+    primary_option: str | None = None
 
     def feature_dim(self, head_dim: int) -> int:
         raise NotImplementedError
@@ -42,23 +51,94 @@ class FeatureMap:
     def __call__(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def to_config(self) -> dict:
-        """A JSON-able description; ``get_feature_map(**cfg)`` rebuilds the same map."""
-        return {"feature_map": self.name}
+    def options(self) -> dict:
+        """The constructor keywords that rebuild this map (none by default)."""
+        return {}
+
+    def spec(self) -> str:
+        """The canonical spec string: ``get_feature_map(fmap.spec())`` builds the same map."""
+        if _REGISTRY.get(self.name) is not type(self):
+            raise ValueError(f"{type(self).__name__} is not registered under its name {self.name!r} "
+                             "(use @register_feature_map): it cannot be written to a config")
+        return ":".join([self.name] + [f"{k}={_format_option(v)}" for k, v in sorted(self.options().items())])
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.to_config().items() if k != "feature_map")
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({args})"
 
 
+_REGISTRY: dict[str, type[FeatureMap]] = {}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def register_feature_map(name: str):
+    """Class decorator: make a FeatureMap subclass available by ``name`` to ``get_feature_map`` and
+    ``NTKConfig(feature_map=...)``. Registering the same class again is a no-op; another class under a
+    taken name is refused."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"feature map name must be an identifier-like string without ':' or '=', got {name!r}")
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, FeatureMap)):
+            raise TypeError(f"register_feature_map({name!r}) decorates FeatureMap subclasses, got {cls!r}")
+        known = _REGISTRY.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"feature map name {name!r} is already registered by {known.__module__}.{known.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def feature_map_names() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def _format_option(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _parse_option(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_feature_map_spec(spec: str) -> tuple[str, dict]:
+    """``"name:key=value:key=value"`` (or ``"name:VALUE"`` for the map's primary option) -> (name, options)."""
+    name, *parts = spec.split(":")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown feature_map {name!r} in spec {spec!r}; registered: {list(feature_map_names())}")
+    options = {}
+    for i, part in enumerate(parts):
+        key, eq, value = part.partition("=")
+        if not eq:
+            primary = _REGISTRY[name].primary_option
+            if i or primary is None:
+                raise ValueError(f"feature map spec {spec!r}: expected key=value after ':', got {part!r}")
+            key, value = primary, part
+        if not key or key in options:
+            raise ValueError(f"feature map spec {spec!r}: empty or repeated option {key!r}")
+        options[key] = _parse_option(value)
+    return name, options
+
+
+@register_feature_map("elu")
 class EluFeatureMap(FeatureMap):
     """The authors' map ``ELU(x * sqrt(scale)) + 1`` (``ELU(x / d^{1/4}) + 1`` at the default scale).
 
     Positive, ``r = D``. It is not proportional to the softmax kernel, so with it ``(Z, k)`` is a
     learned adapter rather than an approximation of a given prefix.
     """
-
-    name = "elu"
 
     def feature_dim(self, head_dim: int) -> int:
         return head_dim
@@ -68,6 +148,7 @@ class EluFeatureMap(FeatureMap):
         return F.elu(x * math.sqrt(scale)) + 1.0
 
 
+@register_feature_map("taylor")
 class TaylorFeatureMap(FeatureMap):
     """Truncated Taylor features of ``exp(s)``, ``s = scale * q.k`` (the paper's polynomial method).
 
@@ -77,10 +158,11 @@ class TaylorFeatureMap(FeatureMap):
     not D^2.
     """
 
-    name = "taylor"
+    positive_features = False
+    primary_option = "degree"
 
     def __init__(self, degree: int = 2):
-        if degree not in (1, 2):
+        if isinstance(degree, bool) or degree not in (1, 2):
             raise ValueError(f"TaylorFeatureMap: degree must be 1 or 2, got {degree!r}")
         self.degree = degree
         self.nonnegative = degree == 2
@@ -102,10 +184,11 @@ class TaylorFeatureMap(FeatureMap):
             parts.append(x[..., rows] * x[..., cols] * weight)
         return torch.cat(parts, dim=-1)
 
-    def to_config(self) -> dict:
-        return {"feature_map": self.name, "degree": self.degree}
+    def options(self) -> dict:
+        return {"degree": self.degree}
 
 
+@register_feature_map("random")
 class RandomFeatureMap(FeatureMap):
     """Positive random features (Performer / FAVOR+): ``exp(w.x - |x|^2 / 2) / sqrt(r)``.
 
@@ -114,13 +197,15 @@ class RandomFeatureMap(FeatureMap):
     and after save/load without storing it.
     """
 
-    name = "random"
+    primary_option = "num_features"
 
     def __init__(self, num_features: int = 256, seed: int = 0):
-        if not isinstance(num_features, int) or num_features < 1:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"RandomFeatureMap: num_features must be a positive int, got {num_features!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"RandomFeatureMap: seed must be an int, got {seed!r}")
         self.num_features = num_features
-        self.seed = int(seed)
+        self.seed = seed
         self._cache: dict = {}
 
     def feature_dim(self, head_dim: int) -> int:
@@ -140,8 +225,8 @@ class RandomFeatureMap(FeatureMap):
         log_phi = x @ w - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(self.num_features)
         return torch.exp(log_phi)
 
-    def to_config(self) -> dict:
-        return {"feature_map": self.name, "num_features": self.num_features, "seed": self.seed}
+    def options(self) -> dict:
+        return {"num_features": self.num_features, "seed": self.seed}
 
 
 class CallableFeatureMap(FeatureMap):
@@ -152,7 +237,7 @@ class CallableFeatureMap(FeatureMap):
     def __init__(self, fn: Callable, num_features: int | None = None, nonnegative: bool = False):
         self.fn = fn
         self.num_features = num_features
-        self.nonnegative = nonnegative
+        self.nonnegative = self.positive_features = nonnegative
 
     def feature_dim(self, head_dim: int) -> int:
         if self.num_features is not None:
@@ -172,39 +257,38 @@ class CallableFeatureMap(FeatureMap):
             )
         return out.to(torch.promote_types(out.dtype, torch.float32))
 
-    def to_config(self) -> dict:
-        raise ValueError("a callable feature map cannot be saved to a config; use a named feature map")
+    def spec(self) -> str:
+        raise ValueError("a callable feature map cannot be saved to a config; register a FeatureMap subclass "
+                         "with @register_feature_map(name) and use its name")
 
+    def __repr__(self) -> str:
+        return f"CallableFeatureMap({getattr(self.fn, '__name__', self.fn)!r}, num_features={self.num_features!r})"
 
-FEATURE_MAP_NAMES = ("elu", "taylor", "random")
 
 FeatureMapLike = Union[str, FeatureMap, Callable]
 
 
-def get_feature_map(feature_map: FeatureMapLike = "elu", **kwargs) -> FeatureMap:
-    """Resolve a name (``"elu"``, ``"taylor"``, ``"random"``), a FeatureMap or a callable.
+def get_feature_map(feature_map: FeatureMapLike = "elu", **options) -> FeatureMap:
+    """Resolve a spec string, a FeatureMap or a callable.
 
-    kwargs go to the named map's constructor: ``degree`` for taylor, ``num_features`` and ``seed``
-    for random.
+    A spec is a registered name with options, ``"name:key=value:..."`` (``"random:num_features=256:seed=0"``,
+    ``"taylor:degree=1"``; ``"random:256"`` sets the primary option); keyword ``options`` add to it
+    (``get_feature_map("random", num_features=64, seed=1)``; None values are ignored).
     """
     if isinstance(feature_map, FeatureMap):
-        if kwargs:
-            raise ValueError(f"feature map options {sorted(kwargs)} given with an already built {feature_map!r}")
+        if any(v is not None for v in options.values()):
+            raise ValueError(f"feature map options {sorted(options)} given with an already built {feature_map!r}")
         return feature_map
     if isinstance(feature_map, str):
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        name, parsed = parse_feature_map_spec(feature_map)
+        extra = {k: v for k, v in options.items() if v is not None}
+        clash = sorted(set(parsed) & set(extra))
+        if clash:
+            raise ValueError(f"feature map option(s) {clash} given both in the spec {feature_map!r} and as keywords")
         try:
-            if feature_map == "elu":
-                if kwargs:
-                    raise TypeError(f"unexpected options {sorted(kwargs)}")
-                return EluFeatureMap()
-            if feature_map == "taylor":
-                return TaylorFeatureMap(**kwargs)
-            if feature_map == "random":
-                return RandomFeatureMap(**kwargs)
+            return _REGISTRY[name](**parsed, **extra)
         except TypeError as err:
-            raise ValueError(f"feature_map={feature_map!r}: {err}") from None
-        raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAP_NAMES}, a FeatureMap or a callable")
+            raise ValueError(f"feature map {feature_map!r}: {err}") from None
     if callable(feature_map):
-        return CallableFeatureMap(feature_map, **kwargs)
-    raise TypeError(f"feature_map must be a name, a FeatureMap or a callable, got {type(feature_map).__name__}")
+        return CallableFeatureMap(feature_map, **options)
+    raise TypeError(f"feature_map must be a spec string, a FeatureMap or a callable, got {type(feature_map).__name__}")

@@ -1,7 +1,8 @@
 """``ntk-attn eval --adapter DIR --data FILE``: score a folder written by ``ntk-attn train``.
 
 The folder's ``training_run.json`` names the base model, task, method and columns, so nothing else
-is needed. ``--model NAME_OR_DIR`` instead scores an untuned causal LM, the baseline of a comparison.
+is needed. ``--model NAME_OR_DIR`` alone scores an untuned causal LM, the baseline of a comparison; with
+``--adapter`` it names the base model to put the adapter on (the recorded one lives on another machine).
 Prints one JSON object: ``accuracy`` and ``loss`` for classification; ``loss`` (answer tokens only)
 and ``exact_match`` of the final number, greedy decoding, for causal LM.
 """
@@ -32,9 +33,9 @@ NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapter", help="folder written by ntk-attn train (<output-dir>/adapter)")
-    source.add_argument("--model", help="an untuned causal LM (hub name or local folder) to score as a baseline")
+    parser.add_argument("--adapter", help="folder written by ntk-attn train (<output-dir>/adapter)")
+    parser.add_argument("--model", help="alone: an untuned causal LM (hub name or local folder) to score as a baseline; "
+                                        "with --adapter: the base model to load it on instead of the recorded one")
     parser.add_argument("--gguf-file", default=None, help="with --model: GGUF file inside the model folder")
     parser.add_argument("--task", choices=("causal-lm", "language-modeling"), default="causal-lm",
                         help="with --model: what to score (language-modeling: perplexity over blocks of --max-length)")
@@ -86,7 +87,10 @@ def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int
 def evaluate(args) -> dict:
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    run = base_run(args) if args.model else M.read_run(args.adapter)  # checked before loading anything heavy
+    if not (args.adapter or args.model):
+        raise ValueError("ntk-attn eval needs --adapter DIR, --model NAME_OR_DIR, or both")
+    baseline = args.adapter is None
+    run = base_run(args) if baseline else M.read_run(args.adapter)  # checked before loading anything heavy
     task = run["task"]
     columns = D.Columns(
         text=args.text_column, text_pair=args.text_pair_column or run.get("text_pair_column"),
@@ -100,14 +104,15 @@ def evaluate(args) -> dict:
     D.check_table(table, task, columns, args.data, run.get("num_labels"))
     table = D.first_rows(table, args.eval_size)
 
-    model, tokenizer, run = load_base_for_eval(args) if args.model else M.load_trained(args.adapter)
+    model, tokenizer, run = (load_base_for_eval(args) if baseline
+                             else M.load_trained(args.adapter, model=args.model, gguf_file=args.gguf_file))
     max_length = args.max_length or run.get("max_length") or DEFAULT_MAX_LENGTH[task]
     encoded = encode(table, tokenizer, task, columns, max_length, args.data)
     with tempfile.TemporaryDirectory() as scratch:
         settings = FitSettings(output_dir=scratch, task=task, learning_rate=1.0, head_learning_rate=1.0,
                                eval_batch_size=args.batch_size)
         trainer = make_trainer(model, tokenizer, settings, run.get("head_modules", []))
-        result = {"adapter": args.adapter, "model": run["base_model"], "data": args.data, "method": run["method"],
+        result = {"adapter": args.adapter, "model": args.model or run["base_model"], "data": args.data, "method": run["method"],
                   "task": task, "rows": len(table), **score(trainer, encoded)}
     if task == "causal-lm":
         generate_rows = D.first_rows(table, args.generate_size)

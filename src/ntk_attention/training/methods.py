@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from ..tuners import NTKConfig, PrefixConfig
+from ..tuners import METHODS as TUNER_METHODS
+from ..tuners.ntk.config import fold_feature_options
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,12 @@ def _build_lora(base, config, head_modules, gguf_file):
 
 
 def _build_adapter(base, config, head_modules, gguf_file):
-    from ..tuners import get_ntk_model
+    import peft
 
     config = _with_heads(config, head_modules)
     config.task_type = "SEQ_CLS" if head_modules else "CAUSAL_LM" if base.can_generate() else None
     config.gguf_file = gguf_file
-    return get_ntk_model(base, config)
+    return peft.get_peft_model(base, config)
 
 
 def _build_full(base, config, head_modules, gguf_file):
@@ -86,16 +87,20 @@ def _build_head(base, config, head_modules, gguf_file):
     return base
 
 
-def _tuner(config_class, summary: str) -> TrainingMethod:
-    return TrainingMethod(config_class.method, summary, config_class.default_learning_rate,
-                          tuple(config_class.learning_rate_grid),
-                          lambda task, options: _config_from_fields(config_class, config_class.method, options),
-                          _build_adapter)
+def _tuner(name: str, config_class) -> TrainingMethod:
+    """A method registered in ``tuners`` (its folder's ``register_method``), with the training defaults
+    its config class carries."""
+    def make_config(task: str, options: dict):
+        if name == "ntk":  # --config feature_map=random num_features=64 joins the feature-map spec
+            options = fold_feature_options(options)
+        return _config_from_fields(config_class, name, options)
+
+    return TrainingMethod(name, f"{config_class.__name__} fields", config_class.default_learning_rate,
+                          tuple(config_class.learning_rate_grid), make_config, _build_adapter)
 
 
 REGISTRY: dict[str, TrainingMethod] = {method.name: method for method in (
-    _tuner(NTKConfig, "NTK-Attention (NTKConfig fields)"),
-    _tuner(PrefixConfig, "exact prefix tuning (PrefixConfig fields)"),
+    *(_tuner(name, method.config_class) for name, method in TUNER_METHODS.items()),
     TrainingMethod("lora", "PEFT LoRA (peft.LoraConfig fields)", 1e-3, (3e-4, 1e-3, 3e-3), _lora_config, _build_lora),
     TrainingMethod("full", "every weight", 5e-5, (2e-5, 5e-5, 1e-4), None, _build_full),
     # the head learns too slowly at 1e-3 on small budgets

@@ -148,8 +148,10 @@ def save_trained(model, method: str, run: dict, folder: str, tokenizer=None) -> 
             model.save_pretrained(staging)
         if method == "full" and tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        with open(os.path.join(staging, RUN_FILE), "w") as handle:
-            json.dump({**run, "method": method}, handle, indent=2)
+        from ..tuners.config import portable_reference
+
+        with open(os.path.join(staging, RUN_FILE), "w") as handle:  # a base inside a pip package as pkg:NAME/PATH
+            json.dump({**run, "base_model": portable_reference(run["base_model"]), "method": method}, handle, indent=2)
         old = None
         if os.path.exists(folder):
             old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
@@ -174,30 +176,40 @@ def read_run(folder: str) -> dict:
     return run
 
 
-def load_trained(folder: str):
-    """Rebuild (model, tokenizer, run record) from a folder written by ``save_trained``."""
+def load_trained(folder: str, model: str | None = None, gguf_file: str | None = None):
+    """Rebuild (model, tokenizer, run record) from a folder written by ``save_trained``. ``model`` (and its
+    ``gguf_file``) replaces the recorded base, e.g. when that lives on another machine; a recorded
+    ``pkg:PACKAGE/PATH`` resolves to the installed package."""
+    from ..tuners.config import resolve_reference
+
     run = read_run(folder)
     method, task = run["method"], run["task"]
     if method == "full":
         tokenizer = load_tokenizer(folder)
         auto = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
         return auto.from_pretrained(folder, dtype=torch.float32), tokenizer, run
-    tokenizer = load_tokenizer(run["base_model"], run.get("gguf_file"))
-    base, _ = load_base(run["base_model"], task, num_labels=run.get("num_labels"),
-                        gguf_file=run.get("gguf_file"), pad_token_id=tokenizer.pad_token_id)
-    if method == "lora":
-        import peft
-
-        model = peft.PeftModel.from_pretrained(base, folder)
-    elif method == "head":
+    if model is not None:
+        check_model_source(model, gguf_file)
+        base_model = model
+    else:
+        base_model, gguf_file = resolve_reference(run["base_model"]), run.get("gguf_file")
+    tokenizer = load_tokenizer(base_model, gguf_file)
+    base, _ = load_base(base_model, task, num_labels=run.get("num_labels"),
+                        gguf_file=gguf_file, pad_token_id=tokenizer.pad_token_id)
+    if method == "head":
         state = load_file(os.path.join(folder, HEAD_FILE))
         missing = sorted(set(state) - set(base.state_dict()))
         if missing:
-            raise ValueError(f"{folder}: head weights {missing} do not belong to {run['base_model']}")
+            raise ValueError(f"{folder}: head weights {missing} do not belong to {base_model}")
         base.load_state_dict(state, strict=False)
-        model = base
-    else:
-        from ..tuners import NTKModel
+        return base.eval(), tokenizer, run
+    import peft
 
-        model = NTKModel.from_pretrained(base, folder)
-    return model.eval(), tokenizer, run
+    from ..tuners import load_legacy_adapter
+    from ..tuners.config import read_config_file
+
+    if method == "lora" or "peft_type" in read_config_file(folder):
+        loaded = peft.PeftModel.from_pretrained(base, folder)
+    else:
+        loaded = load_legacy_adapter(base, folder)
+    return loaded.eval(), tokenizer, run

@@ -5,8 +5,9 @@ forward and calls the function with the head tensors after rotary embeddings and
 update. We register one function per mask format we understand ("sdpa": boolean masks that may be
 None for plain causal/full attention; "eager": additive float masks), each paired with the mask
 builder of that format. The function finds the adapter layer hung on the attention module
-(``module.ntk_adapter``) and lets it compute the attention; modules without an active adapter run
-the model's original implementation, so disabled adapters give the base model exactly.
+(``module.attention_adapter``, a PEFT tuner layer) and lets its active adapter compute the attention;
+modules without an active adapter run the model's original implementation, so disabled adapters
+give the base model exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-ADAPTER_ATTR = "ntk_adapter"
+ADAPTER_ATTR = "attention_adapter"
 HOOK_PREFIX = "ntk_adapter_"
 SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -56,11 +57,13 @@ def _original_attention(base_implementation: str, module: nn.Module):
 
 
 def _make_hook(base_implementation: str):
-    def adapter_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs):
+    # The argument order of transformers' attention functions (sdpa_attention_forward, eager_attention_forward).
+    def adapter_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         layer = getattr(module, ADAPTER_ATTR, None)
-        if layer is None or not layer.active:
+        state = None if layer is None else layer.active_state()
+        if state is None:
             fn = _original_attention(base_implementation, module)
-            return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs)
+            return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
         for name in ("softcap", "position_bias"):
             if kwargs.get(name) is not None:
                 raise NotImplementedError(f"{type(module).__name__} passes {name!r} to attention; NTK/prefix adapters do not support it yet")
@@ -77,20 +80,24 @@ def _make_hook(base_implementation: str):
         if causal and kv_len > q_len:  # prefill into an empty static cache: the tail is unused
             key, value = key[:, :, :q_len], value[:, :, :q_len]
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = layer(query, key, value, attention_mask=attention_mask, causal=causal, scale=scale, dropout=dropout)
+        out = state(query, key, value, attention_mask=attention_mask, causal=causal, dropout=dropout, scale=scale)
         return out.transpose(1, 2).contiguous(), None
 
     adapter_attention.__name__ = f"adapter_attention_{base_implementation}"
     return adapter_attention
 
 
+_REGISTERED: set[str] = set()
+
+
 def register_hooks() -> None:
-    """Register the adapter attention (idempotent) for each base implementation we can wrap."""
+    """Register the adapter attention (once per process) for each base implementation we can wrap."""
     for base, mask_fn in (("sdpa", sdpa_mask), ("eager", eager_mask)):
         name = hook_name(base)
-        if name not in AttentionInterface._global_mapping:
+        if name not in _REGISTERED:
             AttentionInterface.register(name, _make_hook(base))
             AttentionMaskInterface.register(name, mask_fn)
+            _REGISTERED.add(name)
 
 
 _USES_INTERFACE: dict[type, bool] = {}
@@ -142,21 +149,3 @@ def check_query(module: nn.Module, geometry: HeadGeometry, query: torch.Tensor, 
             f"{type(module).__name__}: adapter built for {geometry} but attention got query {tuple(query.shape)}, "
             f"value {tuple(value.shape)}; the model's head layout changed after the adapter was attached"
         )
-
-
-class AdapterLayer(nn.Module):
-    """What the hook calls: one method's trainable state for one attention module.
-
-    Subclasses take ``(config, geometry)`` and implement ``forward(query [B,H,L,D], key, value,
-    attention_mask, causal, scale, dropout) -> [B,H,L,D_v]``. ``active`` is switched off by
-    ``NTKModel.disable_adapter``.
-    """
-
-    def __init__(self, geometry: HeadGeometry):
-        super().__init__()
-        self.geometry = geometry
-        self.active = True
-
-    def extra_repr(self) -> str:
-        g = self.geometry
-        return f"heads={g.heads}, kv_heads={g.kv_heads}, head_dim={g.head_dim}"

@@ -1,4 +1,8 @@
+from ..registry import register_method
 from .config import NTKConfig
-from .model import NTKLayer
+from .layer import NTKLayer, NTKState
+from .model import NTKModel
 
-__all__ = ["NTKConfig", "NTKLayer"]
+register_method("ntk", NTKConfig, NTKModel)
+
+__all__ = ["NTKConfig", "NTKLayer", "NTKState", "NTKModel"]

@@ -6,10 +6,28 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...ops import FeatureMap, get_feature_map
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_number
 
 K_PARAMETRIZATIONS = ("nonneg", "softplus", "signed")
 Z_PARAMETRIZATIONS = ("tied", "free")
+# Feature-map options as separate keywords (older files, ``--config num_features=64``) -> the map's option name.
+FEATURE_OPTION_KEYWORDS = {"num_features": "num_features", "degree": "degree", "seed": "seed", "feature_seed": "seed"}
+
+
+def fold_feature_options(options: dict) -> dict:
+    """``options`` with ``num_features`` / ``degree`` / ``feature_seed`` / ``seed`` folded into the
+    ``feature_map`` spec (``{"feature_map": "random", "num_features": 64}`` -> ``"random:num_features=64:seed=0"``).
+    None values (absent options in older files) are dropped."""
+    options = dict(options)
+    keywords = {FEATURE_OPTION_KEYWORDS[k]: options.pop(k) for k in list(options) if k in FEATURE_OPTION_KEYWORDS}
+    keywords = {k: v for k, v in keywords.items() if v is not None}
+    if keywords:
+        name = options.get("feature_map", "elu")
+        try:
+            options["feature_map"] = get_feature_map(name, **keywords).spec()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"NTKConfig.feature_map={name!r} with {keywords}: {err}") from None
+    return options
 
 
 @dataclass
@@ -28,10 +46,11 @@ class NTKConfig(AdapterConfig):
         ``lr * m`` (about 1 and up with Adam; 0.2 with a free ``Z``) lets the prefix drown the input in
         the first steps and training collapses. The default 32 learns from lr 1e-3 to 1e-2
         (``benchmarks/results/sst2-minilm-scale.md``); scale m down as the learning rate goes up.
-    feature_map, num_features, degree, feature_seed: ``phi``: "elu" (r = d), "random"
-        (``num_features`` positive random features drawn from ``feature_seed``), "taylor"
-        (``degree`` 1 or 2).
-    rank: None for a full ``Z``; an even s for ``Z = A B - A' B'`` (``W`` in the tied form; r x s/2
+    feature_map: ``phi`` as a spec string, a registered name with options: "elu" (r = d),
+        "random:num_features=256:seed=0" (positive random features), "taylor:degree=2" (or 1); a map a
+        user registered with ``@register_feature_map(name)`` works the same way and is saved by name.
+        The canonical spec is stored (``"random"`` becomes ``"random:num_features=256:seed=0"``).
+    rank: None for a full ``Z``; an even s <= min(r, d_v) for ``Z = A B - A' B'`` (``W`` in the tied form; r x s/2
         times s/2 x d_v twice) whose two halves start equal, so it is 0 at the start while every
         factor gets a gradient.
     rank_init_std: standard deviation of the low-rank factors at the start.
@@ -70,16 +89,11 @@ class NTKConfig(AdapterConfig):
     feature_dropout: dropout on ``phi(q)`` during training (off in eval).
     """
 
-    method = "ntk"
-    # Training defaults read by ntk-attn train / compare. The state is scaled by virtual_prefix_length
-    # (default 32), so LoRA-like rates suit it (benchmarks/results/sst2-minilm-scale.md).
-    default_learning_rate = 1e-3
-    learning_rate_grid = (3e-4, 1e-3, 3e-3)
+    PEFT_TYPE = "NTK"
+    default_learning_rate: ClassVar[float] = 1e-3
+    learning_rate_grid: ClassVar[tuple[float, ...]] = (3e-4, 1e-3, 3e-3)
 
     feature_map: str = "elu"
-    num_features: int | None = None
-    degree: int | None = None
-    feature_seed: int = 0
     rank: int | None = None
     rank_init_std: float = 0.1
     virtual_prefix_length: float = 32.0
@@ -89,36 +103,32 @@ class NTKConfig(AdapterConfig):
     per_kv_head: bool = False
     feature_dropout: float = 0.0
 
-    # adapter_config.json files written before z_parametrization existed trained a free Z.
-    absent_field_values: ClassVar[dict] = {"z_parametrization": "free"}
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.feature_map, FeatureMap) or not isinstance(self.feature_map, str):
-            raise TypeError("NTKConfig.feature_map must be a name ('elu', 'random', 'taylor'); set num_features / degree / feature_seed for options")
-        self.build_feature_map()  # validates name and options
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 2 or self.rank % 2):
-            raise ValueError(f"NTKConfig.rank must be None (full Z) or an even int >= 2, got {self.rank!r}")
-        if not self.virtual_prefix_length > 0:
-            raise ValueError(f"NTKConfig.virtual_prefix_length must be > 0, got {self.virtual_prefix_length!r}")
+        if not isinstance(self.feature_map, str):
+            raise TypeError("NTKConfig.feature_map must be a spec string ('elu', 'random:num_features=256:seed=0', "
+                            f"'taylor:degree=2' or a registered name), got {type(self.feature_map).__name__}; "
+                            "register a FeatureMap subclass with @register_feature_map(name) to use your own")
+        self.feature_map = self.build_feature_map().spec()  # validates the name and options; canonical form
+        if self.rank is not None:
+            check_number("NTKConfig", "rank", self.rank, integer=True, minimum=2)
+            if self.rank % 2:
+                raise ValueError(f"NTKConfig.rank must be None (full Z) or an even int >= 2, got {self.rank!r}")
+        check_number("NTKConfig", "rank_init_std", self.rank_init_std, minimum=0)
+        check_number("NTKConfig", "virtual_prefix_length", self.virtual_prefix_length, above=0)
+        check_number("NTKConfig", "k_init", self.k_init, minimum=0)
+        check_number("NTKConfig", "feature_dropout", self.feature_dropout, minimum=0, below=1)
         if self.k_parametrization not in K_PARAMETRIZATIONS:
             raise ValueError(f"NTKConfig.k_parametrization must be one of {K_PARAMETRIZATIONS}, got {self.k_parametrization!r}")
         if self.z_parametrization not in Z_PARAMETRIZATIONS:
             raise ValueError(f"NTKConfig.z_parametrization must be one of {Z_PARAMETRIZATIONS}, got {self.z_parametrization!r}")
         if self.k_parametrization == "softplus" and not self.k_init > 0:
             raise ValueError(f"NTKConfig.k_init must be > 0 with k_parametrization='softplus', got {self.k_init!r}")
-        if self.k_init < 0:
-            raise ValueError(f"NTKConfig.k_init must be >= 0 (the denominator must stay positive), got {self.k_init!r}")
         if not isinstance(self.per_kv_head, bool):
             raise TypeError(f"NTKConfig.per_kv_head must be True or False, got {self.per_kv_head!r}")
-        if not 0.0 <= self.feature_dropout < 1.0:
-            raise ValueError(f"NTKConfig.feature_dropout must be in [0, 1), got {self.feature_dropout!r}")
 
     def build_feature_map(self) -> FeatureMap:
-        options = {"elu": {}, "random": {"num_features": self.num_features, "seed": self.feature_seed}, "taylor": {"degree": self.degree}}
-        if self.feature_map not in options:
-            raise ValueError(f"NTKConfig.feature_map must be one of {sorted(options)}, got {self.feature_map!r}")
-        unused = [n for n in ("num_features", "degree") if getattr(self, n) is not None and n not in options[self.feature_map]]
-        if unused:
-            raise ValueError(f"NTKConfig: {unused} do not apply to feature_map={self.feature_map!r}")
-        return get_feature_map(self.feature_map, **options[self.feature_map])
+        try:
+            return get_feature_map(self.feature_map)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"NTKConfig.feature_map={self.feature_map!r}: {err}") from None

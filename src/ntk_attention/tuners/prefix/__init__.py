@@ -1,4 +1,8 @@
+from ..registry import register_method
 from .config import PrefixConfig
-from .model import PrefixLayer
+from .layer import PrefixLayer, PrefixState
+from .model import PrefixModel
 
-__all__ = ["PrefixConfig", "PrefixLayer"]
+register_method("prefix", PrefixConfig, PrefixModel)
+
+__all__ = ["PrefixConfig", "PrefixLayer", "PrefixState", "PrefixModel"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_number
 
 
 @dataclass
@@ -16,17 +17,14 @@ class PrefixConfig(AdapterConfig):
     init_std: standard deviation of the keys and values at the start.
     """
 
-    method = "prefix"
-    # Training defaults read by ntk-attn train / compare.
-    default_learning_rate = 3e-2
-    learning_rate_grid = (3e-3, 1e-2, 3e-2)
+    PEFT_TYPE = "PREFIX_ATTENTION"
+    default_learning_rate: ClassVar[float] = 3e-2
+    learning_rate_grid: ClassVar[tuple[float, ...]] = (3e-3, 1e-2, 3e-2)
 
     num_virtual_tokens: int = 16
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            raise ValueError(f"PrefixConfig.num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
-        if not self.init_std >= 0:
-            raise ValueError(f"PrefixConfig.init_std must be >= 0, got {self.init_std!r}")
+        check_number("PrefixConfig", "num_virtual_tokens", self.num_virtual_tokens, integer=True, minimum=1)
+        check_number("PrefixConfig", "init_std", self.init_std, minimum=0)

@@ -1,25 +1,11 @@
-"""PrefixLayer: trainable prefix keys and values of one attention module."""
+"""PrefixModel: the PEFT tuner of exact prefix attention through the hook (encoders too)."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
-from ...ops import prefix_attention
-from ..attention_hook import AdapterLayer, HeadGeometry
-from .config import PrefixConfig
+from ..model import AttentionTuner
+from .layer import PrefixLayer
 
 
-class PrefixLayer(AdapterLayer):
-    def __init__(self, config: PrefixConfig, geometry: HeadGeometry):
-        super().__init__(geometry)
-        m = config.num_virtual_tokens
-        self.prefix_k = nn.Parameter(torch.randn(geometry.kv_heads, m, geometry.head_dim) * config.init_std)
-        self.prefix_v = nn.Parameter(torch.randn(geometry.kv_heads, m, geometry.v_head_dim) * config.init_std)
-
-    def forward(self, query, key, value, attention_mask, causal, scale, dropout):
-        # Attention dropout is not applied to prefix attention (the operator has none).
-        return prefix_attention(
-            query, key, value, self.prefix_k.to(query.dtype), self.prefix_v.to(query.dtype),
-            causal=causal, attn_mask=attention_mask, scale=scale,
-        )
+class PrefixModel(AttentionTuner):
+    prefix = "prefix_attention_"
+    tuner_layer_cls = PrefixLayer
