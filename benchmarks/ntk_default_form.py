@@ -10,13 +10,11 @@ features, ``W`` the values of the r virtual tokens, ``k >= 0`` their masses, bot
     lora            PEFT LoRA r = 8 on q_proj, v_proj (alpha 16, dropout 0.1), the baseline
     absolute        out = (sum_l e^{s_l} v_l + phi^T diag(k) W) / (sum_l e^{s_l} + phi^T k)      (m = 32)
     absolute-m8     the same with m = 8
-    relative        out = (softmax(s) V + phi^T diag(k) W) / (1 + phi^T k)                       (m = 1)
-    relative-m4     the same with m = 4 (relative-m16: m = 16)
 
-"absolute" is NTKConfig(mass="absolute", k_init=0): the prefix mass phi^T k is added to the row's own mass
-sum e^s, so its share depends on how much mass the row has (a decoder's first token has about 1, an
-encoder row e^6 and more). "relative" measures the prefix mass in units of the row's own mass: the
-share is phi^T k / (1 + phi^T k) in every row, whatever its length or sharpness.
+"absolute" is NTKConfig() since the default changed (k_init = 0): the prefix mass phi^T k is added
+to the row's own mass sum e^s. The "relative" rows of benchmarks/results/ntk_default_form.md
+(out = (softmax(s) V + phi^T diag(k) W) / (1 + phi^T k), m = 1 and 4) were measured with this script
+at commit 410295f, where NTKConfig(mass="relative") existed; the form was retired (docs/default.md).
 
     OMP_NUM_THREADS=1 python benchmarks/ntk_default_form.py --out-dir runs/ntk-default-form
 """
@@ -43,9 +41,6 @@ FORMS = {
     "lora": None,
     "absolute": {"k_init": 0.0, "virtual_prefix_length": 32.0},
     "absolute-m8": {"k_init": 0.0, "virtual_prefix_length": 8.0},
-    "relative": {"k_init": 0.0, "virtual_prefix_length": 1.0, "mass": "relative"},
-    "relative-m4": {"k_init": 0.0, "virtual_prefix_length": 4.0, "mass": "relative"},
-    "relative-m16": {"k_init": 0.0, "virtual_prefix_length": 16.0, "mass": "relative"},
 }
 
 
