@@ -12,6 +12,7 @@ import pytest
 from ntk_attention import cli
 from ntk_attention.training import suite as S
 from ntk_attention.training.fit import matthews_correlation
+from ntk_attention.tuners.config import resolve_reference
 
 
 def write_suite(path, model, body: str):
@@ -206,7 +207,7 @@ def test_missing_data_file_and_package_are_named(tmp_path):
     with pytest.raises(ValueError, match="missing.jsonl does not exist"):
         S.prepare_data(suite, str(tmp_path), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="no_such_package_here"):
-        S.resolve_model(suite.model)
+        resolve_reference(suite.model)
 
 
 def test_every_committed_suite_reads_and_its_variants_parse():

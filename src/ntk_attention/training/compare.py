@@ -47,11 +47,9 @@ from .options import add_run_arguments, forwarded_options, parse_options, run_op
 
 BASE = "base"  # the untuned model, scored but not trained
 VARIANT_METHODS = methods.NAMES + (BASE,)
-# what a suite file fixes; with --suite these options are refused on the command line
-SUITE_OPTIONS = ("name", "variants", "lr_grid", "data", "eval_data", "task", "metric", "model", "gguf_file",
-                 "train_size", "validation", "epochs", "batch_size", "head_lr", "text_column", "text_pair_column",
-                 "max_length", "eval_size", "max_new_tokens", "generate_size", "generate_batch_size",
-                 "ntk_adapter_max_params")
+# what may be given beside --suite (where runs go and how many at a time are compare's own options);
+# every other train option is the suite file's
+BESIDE_SUITE = ("threads",)
 SCORE_NAMES = ("accuracy", "mcc", "perplexity", "exact_match", "loss")
 DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
                     "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
@@ -300,9 +298,12 @@ def apply_suite(args) -> dict | None:
         args.variants = args.variants or DEFAULT_VARIANTS
         args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
         return None
+    from ..tuners.config import resolve_reference
     from . import suite as S
 
-    given = [name for name in SUITE_OPTIONS if getattr(args, name, None) not in (None, [])]
+    fixed = ["name", "variants", "lr_grid", "ntk_adapter_max_params",
+             *(name for name in run_option_names() if name not in BESIDE_SUITE)]
+    given = [name for name in fixed if getattr(args, name, None) not in (None, [])]
     if given:
         raise ValueError(f"--suite {args.suite}: the suite file sets {', '.join('--' + n.replace('_', '-') for n in given)}; "
                          "edit the suite (or copy it) instead")
@@ -314,14 +315,11 @@ def apply_suite(args) -> dict | None:
     args.name, args.task = suite.name, suite.task
     args.metric = "mcc" if suite.metric == "mcc" else None  # else train's default: accuracy, or the loss
     chosen = [labels[label] for label in args.only] if args.only else suite.variants
-    # the main rows run every seed; the other points of the curves the first seed only (unless they say)
-    args.variants = [spec if parse_variant(spec).label in suite.main_variants or parse_variant(spec).seeds
-                     or parse_variant(spec).method == BASE or not suite.main_variants
-                     else f"{spec}:seeds=1" if "=" in spec else f"{spec}={spec}:seeds=1" for spec in chosen]
+    args.variants = [first_seed_only(spec, suite.main_variants) for spec in chosen]
     args.lr_grid = [f"{key}={','.join(f'{x:g}' for x in rates)}" for key, rates in suite.lr_grid.items()
                     if key in {parse_variant(spec).method for spec in args.variants} | {parse_variant(spec).label for spec in args.variants}]
     args.seeds = args.seeds if args.seeds is not None else suite.seeds
-    args.model, args.gguf_file = S.resolve_model(suite.model), suite.gguf_file
+    args.model, args.gguf_file = resolve_reference(suite.model), suite.gguf_file
     args.ntk_adapter_max_params = suite.ntk_adapter_max_params
     for key, value in suite.budget.items():
         setattr(args, key, value)
@@ -333,6 +331,15 @@ def apply_suite(args) -> dict | None:
             "metric": suite.metric, "higher_is_better": suite.higher_is_better, "model": suite.model,
             "main_variants": suite.main_variants, "data": suite.data,
             "data_sha256": S.data_fingerprint([args.data, args.eval_data])}
+
+
+def first_seed_only(spec: str, main_variants: list[str]) -> str:
+    """``spec`` limited to the first seed unless it is a main row (or says how many seeds it runs):
+    the main rows run every seed, the other points of the curves one."""
+    variant = parse_variant(spec)
+    if not main_variants or variant.label in main_variants or variant.seeds or variant.method == BASE:
+        return spec
+    return f"{spec}:seeds=1" if "=" in spec else f"{spec}={spec}:seeds=1"
 
 
 def run(args) -> int:

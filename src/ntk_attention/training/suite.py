@@ -14,7 +14,6 @@ After each suite run ``<out-dir>/suite.json`` and ``suite.md`` are rebuilt from 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -30,8 +29,6 @@ from ..io import write_json, write_jsonl, write_text
 METRICS = {"accuracy": True, "mcc": True, "perplexity": False, "exact_match": True, "loss": False}
 TASKS = {"classification": ("accuracy", "mcc"), "causal-lm": ("exact_match", "loss"),
          "language-modeling": ("perplexity",)}
-# a model given as pkg:PACKAGE[/SUBFOLDER] is the folder of an installed package (no hub needed)
-PACKAGE_PREFIX = "pkg:"
 TOP_FIELDS = {"name", "description", "task", "metric", "model", "gguf_file", "data", "budget", "variants", "lr_grid",
               "seeds", "main_variants", "ntk_adapter_max_params"}
 DATA_FIELDS = {"train", "eval", "format", "columns", "text", "text_pair", "label", "label_names", "holdout",
@@ -119,21 +116,6 @@ def load_suite(path: str) -> Suite:
                  lr_grid={k: [float(x) for x in v] for k, v in grid.items()}, seeds=seeds,
                  main_variants=list(raw.get("main_variants", [])),
                  ntk_adapter_max_params=raw.get("ntk_adapter_max_params"))
-
-
-def resolve_model(reference: str) -> str:
-    """A hub name or folder as given; ``pkg:PACKAGE[/SUBFOLDER]`` is that folder of an installed package."""
-    if not reference.startswith(PACKAGE_PREFIX):
-        return reference
-    package, _, sub = reference[len(PACKAGE_PREFIX):].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model {reference!r}: the package {package!r} is not installed (pip install "
-                         f"{package.replace('_', '-')})")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], sub)
-    if not os.path.isdir(folder):
-        raise ValueError(f"model {reference!r}: {folder} is not a folder")
-    return folder
 
 
 def default_data_root() -> str:
