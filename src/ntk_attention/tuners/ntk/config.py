@@ -65,8 +65,8 @@ class NTKConfig(AdapterConfig):
         pretrained model (``Z = 0``, ``k = 0``): wrapping changes no logit until training does, and
         every tensor still gets a gradient on the first step (``W`` through ``_Gated``, ``k``
         through the denominator). The authors' start mass (``m k = 0.018``, ``k_init = 0.018 / 32``)
-        moved SmolLM2-135M's logits by up to 11.3 before any training; measured against the exact
-        start in docs/default.md.
+        moves SmolLM2-135M's logits by up to 23 before any training
+        (``benchmarks/results/ntk_start_gap.md``); both starts compared in docs/default.md.
     z_parametrization: "tied" (default): ``Z = diag(k) W``, as in a real prefix: every feature f of
         ``phi`` is one virtual token of mass ``phi_f(q) k_f`` and value ``W_f`` (``W`` stored / m like
         ``k``, so Adam moves both by about ``m * lr`` a step). With a non-negative feature map the
