@@ -104,6 +104,18 @@ def check_starts(variants: list[Variant]) -> None:
         seen[variant.label] = variant.method
 
 
+def check_configs(variants: list[Variant], task: str) -> None:
+    """Every variant's config builds before the first run starts: a stale or misspelt field fails here,
+    naming the variant, not hours later in the run that uses it."""
+    for variant in variants:
+        if variant.method == BASE:
+            continue
+        try:
+            methods.method_config(variant.method, task, parse_options(variant.config))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--variants {variant.label!r}: {err}") from None
+
+
 def default_grid(method: str) -> list[float]:
     return [] if method == BASE else list(methods.get_method(method).learning_rate_grid)
 
@@ -348,6 +360,7 @@ def run(args) -> int:
     if len({v.label for v in variants}) != len(variants):
         raise ValueError(f"--variants: labels must be unique, got {[v.label for v in variants]}")
     check_starts(variants)
+    check_configs(variants, args.task)
     grid = parse_grid(args.lr_grid, variants)
     if not args.seeds:
         raise ValueError("--seeds needs at least one seed")
