@@ -1,0 +1,34 @@
+"""The README's python blocks run as written, in order, offline, and print what the README says."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_readme_python_blocks_run_in_order_offline(tmp_path):
+    text = README.read_text()
+    blocks = python_blocks(text)
+    assert len(blocks) >= 4, "the README's python blocks were not found"
+    script = tmp_path / "readme_blocks.py"
+    script.write_text("\n".join(f"# README block {i}\n{block}" for i, block in enumerate(blocks)))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, str(script)], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    # the README quotes the line print_trainable_parameters() gives; it must be the one printed
+    quoted = re.search(r"The printed line is `(trainable params: [^`]+)`", text)
+    assert quoted is not None
+    assert quoted.group(1) in done.stdout
+    assert "train_loss" in done.stdout + done.stderr  # the TRL block trained
+    assert list(workdir.iterdir()) == []  # the blocks write only to the temporary folders they make
