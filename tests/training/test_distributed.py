@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -63,3 +65,25 @@ def test_two_processes_match_one(tmp_path, tiny_bert, sst_files):
     assert json.loads((tmp_path / "two.json").read_text())["processes"] == 2
     # Global batch 8 either way: 2 x 4 per process with averaged gradients equals 1 x 8.
     assert_same(adapter(two), adapter(one), atol=1e-5)
+
+
+def test_fsdp2_sharded_training_matches_one_process():
+    """The adapter's tensors shard and train under torch's FSDP2 (two CPU processes on gloo)."""
+    script = os.path.join(os.path.dirname(__file__), "fsdp_run.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = dict(re.findall(r"(max_error|moved|tensors)=(\S+)", done.stdout))
+    error, moved = float(found["max_error"]), float(found["moved"])
+    assert int(found["tensors"]) == 6  # Z and k of both layers, the classifier's weight and bias
+    assert moved > 1e-3 and error < 1e-6
+
+
+def test_fsdp_asked_on_cpu_is_refused_not_run_as_ddp(tmp_path, tiny_bert, sst_files, monkeypatch):
+    # accelerate enables FSDP on accelerator devices only; on CPU it would train plain DDP without a word
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    argv = train_args("--model", tiny_bert, "--data", sst_files[0], "--train-size", "32", "--method", "ntk",
+                      "--output-dir", str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="FSDP was asked for"):
+        cli.main(argv)

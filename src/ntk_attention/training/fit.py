@@ -162,6 +162,12 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
     # Trainer guesses from a **kwargs forward that the loss takes num_items_in_batch and then scales it
     # by the number of processes; classification losses are per-process means, so that doubles them.
     trainer.model_accepts_loss_kwargs = not classification
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        # accelerate (1.15) shards only on accelerator devices; on CPU it silently trains with DDP instead
+        raise ValueError(f"FSDP was asked for (accelerate launch --use_fsdp) but accelerate did not enable it on "
+                         f"{trainer.args.device}: it runs FSDP on GPUs/XPUs/NPUs only, and would train with "
+                         "plain DDP here. Launch without --use_fsdp for DDP on CPU (torchrun or accelerate launch "
+                         "--multi_gpu), or use a GPU machine for FSDP.")
     return trainer
 
 
