@@ -393,6 +393,24 @@ def test_decode_step_matches_reference_and_is_chosen_without_gradient(shape, mas
         ntk_attention(q, k, v, z, kvec, causal=True, backend="decode")
 
 
+@pytest.mark.parametrize("mask_kind", [None, "random-bool"])
+def test_decode_step_with_a_prepared_state_equals_the_operator(mask_kind):
+    from ntk_attention.ops import ntk_decode_state, ntk_decode_step
+
+    fmap = get_feature_map("elu")
+    q, k, v, z, kvec = (t.detach() for t in make_inputs(2, 6, 2, 1, 11, 8, 8, fmap, torch.float32, "cpu"))
+    kvec[1] = 0.0  # a head without prefix mass: where it also sees no key the output is 0
+    mask = make_mask(mask_kind, 2, 6, 1, 11, "cpu")
+    with torch.no_grad():
+        state = ntk_decode_state(z, kvec, heads=6)
+        out = ntk_decode_step(q, k, v, state, feature_map=fmap, attn_mask=mask)
+        assert torch.equal(out, ntk_attention(q, k, v, z, kvec, attn_mask=mask, backend="decode"))
+        ref = ntk_attention_naive(q, k, v, z, kvec, fmap, False, mask)
+    assert_close(out, ref, torch.float32, "output")
+    assert ntk_decode_step(q.repeat(1, 1, 2, 1), k, v, state, feature_map=fmap) is None  # L = 2: not a decode step
+    assert ntk_decode_step(q.requires_grad_(), k, v, state, feature_map=fmap) is None  # a gradient is wanted
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_rows_whose_scores_are_all_far_below_zero_are_not_shrunk(device, backend):
     # Every score is -100: an absolute floor of 1e-30 on the denominator (log = -69) scaled these

@@ -1,6 +1,6 @@
 """The operator: NTK-Attention and exact prefix attention (fast paths) with plain references."""
 
-from .attention import ntk_attention, prefix_attention, prefix_to_ntk
+from .attention import ntk_attention, ntk_decode_state, ntk_decode_step, prefix_attention, prefix_to_ntk
 from .backends import BACKEND_NAMES, BackendRefused, backend_refusals, select_backend
 from .feature_maps import (
     CallableFeatureMap,
@@ -15,6 +15,8 @@ from .feature_maps import (
 
 __all__ = [
     "ntk_attention",
+    "ntk_decode_state",
+    "ntk_decode_step",
     "prefix_attention",
     "prefix_to_ntk",
     "BACKEND_NAMES",

@@ -12,7 +12,7 @@ import torch
 from .backends import DECODE, TRITON, select_backend
 from .checks import check_mask, check_ntk_state, check_prefix, check_qkv, check_tensor
 from .feature_maps import FeatureMapLike, get_feature_map
-from .fused.torch_decode import decode_ntk_attention
+from .fused.torch_decode import decode_ntk_attention, decode_state
 from .fused.torch_fused import MergedAttention
 from .utils import additive_mask, repeat_kv
 
@@ -100,14 +100,14 @@ def ntk_attention(
 
         return triton_ntk_attention(q, k, v, z, kvec, fmap, causal, additive_mask(attn_mask, q.dtype), scale)
 
+    if chosen is DECODE:
+        return decode_ntk_attention(q, k, v, decode_state(z, kvec, H), fmap, additive_mask(attn_mask, q.dtype), scale)
     # Under autocast these matmuls would run in bfloat16; the NTK sums need full precision.
     with torch.autocast(q.device.type, enabled=False) if torch.is_autocast_enabled(q.device.type) else nullcontext():
         phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
         state = torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype)
         ntk_stats = phi @ repeat_kv(state, H)  # [N | c]; one state per KV head serves its query heads
     mask = additive_mask(attn_mask, q.dtype)
-    if chosen is DECODE:
-        return decode_ntk_attention(q, k, v, ntk_stats, mask, scale)
     folded = _fold_groups(q, k, v, ntk_stats, mask, causal)
     if folded is not None:
         out = MergedAttention.apply(*folded[:3], None, None, *folded[3:], False, scale, dropout_p, chosen, None)
@@ -115,6 +115,24 @@ def ntk_attention(
     return MergedAttention.apply(
         q, repeat_kv(k, H), repeat_kv(v, H), None, None, ntk_stats, mask, causal, scale, dropout_p, chosen, None
     )
+
+
+def ntk_decode_state(z: torch.Tensor, kvec: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[Z | k]`` stacked per query head (``[heads, r, D_v + 1]``) for ``ntk_decode_step``: prepared once
+    and reused for every generated token while ``Z`` and ``k`` stay the same."""
+    return decode_state(z, kvec, heads)
+
+
+def ntk_decode_step(q, k, v, state, *, feature_map: FeatureMapLike, attn_mask=None, scale: float | None = None):
+    """``ntk_attention`` for one generation step (``L = 1``, no gradient, CPU) with a state from
+    ``ntk_decode_state``: what ``backend="decode"`` computes, without stacking ``[Z | k]`` and checking
+    the state again at every layer and token. None where the decode backend does not take the inputs
+    (its refusal says why); call ``ntk_attention`` there."""
+    if DECODE.refusal(q, k, dropout_p=0.0, has_mask=attn_mask is not None, op="ntk", needs_grad=torch.is_grad_enabled()
+                      and q.requires_grad) is not None:
+        return None
+    return decode_ntk_attention(q, k, v, state, get_feature_map(feature_map), additive_mask(attn_mask, q.dtype),
+                                _scale(scale, q.shape[-1]))
 
 
 def prefix_attention(

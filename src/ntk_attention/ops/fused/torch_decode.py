@@ -1,42 +1,57 @@
 """One decoding step on CPU (a single query row, no gradient) of NTK-Attention in a few ops.
 
 Generation calls the operator once per layer and token with ``L = 1``; there the autograd function
-and the general merge cost more in Python than the arithmetic (about 150 us against SDPA's 20 us
-per SmolLM2 layer, each small op ~2-3 us). Here the G query heads of a key/value group become G
-rows of one call to PyTorch's CPU flash kernel (no copy of the cache; a single row has no causal
-structure), and its ``(O, lse)`` is merged with the NTK state directly:
+and the general merge cost more in Python than the arithmetic (each small op is ~2-3 us, SDPA's whole
+call ~20 us per SmolLM2 layer). Here the G query heads of a key/value group become G rows of one
+call to PyTorch's CPU flash kernel (no copy of the cache; a single row has no causal structure), and
+its ``(O, lse)`` is merged with ``[N | c] = phi(q)^T [Z | k]`` directly:
 
-    T = logaddexp(lse, log c),   out = e^{lse - T} O + e^{-T} N      (e^{-T} capped as in the other paths)
+    out = (e^lse O + N) / (e^lse + c) = (O + w N) / (1 + w c),   w = e^{-lse}  (capped as in the other paths)
+
+``decode_state`` stacks ``[Z | k]`` per query head once; an adapter reuses it for every token
+(``NTKState`` keeps it while its parameters do not change).
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
+
 import torch
 
-from ..utils import max_exponent
+from ..feature_maps import FeatureMap
+from ..utils import max_exponent, repeat_kv
 from .torch_states import _Fused
 
 
-def decode_ntk_attention(q, k, v, ntk_stats, mask, scale: float) -> torch.Tensor:
-    """``q [B,H,1,D]``, ``k, v [B,H_kv,S,*]`` (S >= 1), ``ntk_stats [B,H,1,D_v+1]`` (``[N | c]``,
-    float32 or float64), ``mask`` additive, broadcastable to ``[B,H,1,S]``, or None."""
+def decode_state(z: torch.Tensor, kvec: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[Z | k]`` as ``[heads, r, D_v + 1]``: one state per key/value head repeated over its query heads."""
+    return repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1), heads)
+
+
+def decode_ntk_attention(q, k, v, state, feature_map: FeatureMap, mask, scale: float) -> torch.Tensor:
+    """``q [B,H,1,D]``, ``k, v [B,H_kv,S,*]`` (S >= 1), ``state [H, r, D_v+1]`` from ``decode_state``,
+    ``mask`` additive, broadcastable to ``[B,H,1,S]``, or None."""
     B, H, _, D = q.shape
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // H_kv
+    with torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext():
+        phi = feature_map(q, scale)  # float32 or float64: the NTK sums need full precision
+        stats = (phi @ state.to(phi.dtype)).reshape(B, H_kv, G, Dv + 1)
     if mask is not None:
         mask = torch.broadcast_to(mask, (B, H, 1, S)).reshape(B, H_kv, G, S).to(q.dtype)
     if Dv != D:  # the kernel wants one head dim (as in torch_states._Fused)
         q, k, v = _Fused._pad_heads(q, k, v)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.reshape(B, H_kv, G, q.shape[-1]), k, v, 0.0, False, attn_mask=mask, scale=scale)
-    stats = ntk_stats.reshape(B, H_kv, G, Dv + 1)
-    lse = lse.unsqueeze(-1).to(stats.dtype)
-    if mask is not None:  # the kernel reports lse = 0 for a row that sees no key
-        lse = lse.masked_fill(~(mask > float("-inf")).any(-1, keepdim=True), float("-inf"))
-    total = torch.logaddexp(lse, stats[..., -1:].clamp_min(0).log_())
-    beta = torch.exp((-total).clamp_max_(max_exponent(stats.dtype)))
-    out = torch.addcmul(o[..., :Dv].to(stats.dtype) * (lse - total).exp_(), stats[..., :-1], beta)
-    if mask is not None:  # T = -inf: no visible key and c = 0, output 0
-        out = out.masked_fill(torch.isneginf(total), 0.0)
+    weight = lse.unsqueeze(-1).to(stats.dtype).neg_().clamp_max_(max_exponent(stats.dtype)).exp_()
+    o = o[..., :Dv].to(stats.dtype)
+    if mask is not None:  # a row that sees no key (the kernel reports lse = 0): the NTK term alone
+        blind = ~(mask > float("-inf")).any(-1, keepdim=True)
+        o = o.masked_fill(blind, 0.0)
+        weight = weight.masked_fill(blind, math.exp(max_exponent(stats.dtype)))
+    out = torch.addcmul(o, stats[..., :-1], weight).div_(stats[..., -1:].clamp_min(0).mul_(weight).add_(1.0))
+    if mask is not None:  # ... and 0 where it has no mass either (c = 0)
+        out = out.masked_fill(blind & (stats[..., -1:] <= 0), 0.0)
     return out.reshape(B, H, 1, Dv).to(q.dtype)
 
