@@ -87,6 +87,13 @@ def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data)
     assert task["methods"]["head"]["trainable_params"] == 0
     assert "| ntk |" in (out / "suite.md").read_text()
     assert (out / "tiny-rte-params.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
+    # the yardstick: the NTK variant at or under LoRA's count that is best on validation, minus LoRA on dev
+    gap = task["ntk_vs_lora"]
+    under = [label for label, m in methods.items() if m["method"] == "ntk"
+             and m["trainable_params_excl_head"] <= 1.05 * methods["lora"]["trainable_params_excl_head"]]
+    assert gap["ntk"] in under
+    assert gap["difference"] == pytest.approx(methods[gap["ntk"]]["dev_accuracy"] - methods["lora"]["dev_accuracy"])
     # --only runs a subset; what the suite fixes cannot be set beside it
     with pytest.raises(ValueError, match="--epochs"):
         cli.main(argv + ["--epochs", "3"])

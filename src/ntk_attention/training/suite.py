@@ -23,7 +23,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import write_json, write_jsonl, write_text
+from ..io import save_figure, write_json, write_jsonl, write_text
 
 # metric -> (what train/compare report it from, higher is better)
 METRICS = {"accuracy": True, "mcc": True, "perplexity": False, "exact_match": True, "loss": False}
@@ -270,11 +270,75 @@ def write_summary(out_dir: str) -> dict:
                               "config": m["config"]}
         tasks[suite["name"]] = {"metric": metric, "higher_is_better": suite["higher_is_better"],
                                 "model": suite["model"], "file": file.name, "command": record["command"],
-                                "main_variants": suite.get("main_variants", []), "methods": methods}
+                                "main_variants": suite.get("main_variants", []), "methods": methods,
+                                "ntk_vs_lora": ntk_against_lora(record["methods"], suite["higher_is_better"], metric)}
     summary = {"tasks": tasks}
     write_json(os.path.join(out_dir, "suite.json"), summary)
     write_text(os.path.join(out_dir, "suite.md"), summary_table(summary))
+    if tasks:
+        summary_plot(summary, os.path.join(out_dir, "suite.png"))
     return summary
+
+
+def ntk_against_lora(methods: dict, higher_is_better: bool, metric: str, lora: str = "lora") -> dict | None:
+    """The issue's yardstick: the NTK variant at or under LoRA r=8's parameter count that scores best on
+    *validation* (first seed, best learning rate), and its reported mean minus LoRA's (positive: NTK ahead,
+    whichever way the metric points). None until both have run."""
+    if lora not in methods:
+        return None
+    budget = methods[lora]["trainable_params_excl_head"]
+    candidates = [(label, m) for label, m in methods.items()
+                  if m["method"] == "ntk" and m["trainable_params_excl_head"] <= budget * 1.05]  # "at": within 5%
+    if not candidates:
+        return None
+
+    def validation(m: dict) -> float:
+        scores = [x for x in m["validation_grid"].values() if x is not None]
+        loss_like = m["selection_metric"] == "loss"
+        best = min(scores) if loss_like else max(scores)
+        return -best if loss_like else best
+
+    label, best = max(candidates, key=lambda item: validation(item[1]))
+    difference = best[f"dev_{metric}"] - methods[lora][f"dev_{metric}"]
+    return {"ntk": label, "ntk_params": best["trainable_params_excl_head"], "lora_params": budget,
+            "difference": difference if higher_is_better else -difference}
+
+
+def summary_plot(summary: dict, path: str) -> None:
+    """One panel per task: the reported metric against trainable parameters besides the head (log x), one
+    colour per method family; variants without trainable parameters (head only, untuned) as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"ntk": "tab:red", "lora": "tab:blue", "prefix": "tab:green", "full": "black"}
+    tasks = summary["tasks"]
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    figure, panels = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    for axes, (name, task) in zip(panels.flat, tasks.items()):
+        families: dict[str, list] = {}
+        for label, m in task["methods"].items():
+            if m["trainable_params"] == 0:
+                axes.axhline(m["mean"], color="tab:gray", linestyle="--", linewidth=1, label=label)
+                continue
+            colour = colours.get(m["method"], "tab:purple")
+            axes.errorbar(m["trainable_params"], m["mean"], yerr=m["std"], fmt="o", ms=4, capsize=2, color=colour)
+            axes.annotate(label, (m["trainable_params"], m["mean"]), textcoords="offset points", xytext=(3, 3), fontsize=6)
+            families.setdefault(m["method"], []).append((m["trainable_params"], m["mean"]))
+        for method, points in families.items():
+            axes.plot(*zip(*sorted(points)), color=colours.get(method, "tab:purple"), alpha=0.4, label=method)
+        axes.set_xscale("log")
+        axes.set_title(f"{name} ({task['metric']}, {'higher' if task['higher_is_better'] else 'lower'} is better)", fontsize=9)
+        axes.set_xlabel("trainable parameters besides the head", fontsize=8)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=6)
+    for axes in list(panels.flat)[len(tasks):]:
+        axes.set_visible(False)
+    figure.tight_layout()
+    save_figure(path, figure)
+    plt.close(figure)
 
 
 def summary_table(summary: dict) -> str:
@@ -296,6 +360,12 @@ def summary_table(summary: dict) -> str:
             spread = f" ± {m['std']:.3f}" if m["seeds"] > 1 else ""
             cells.append(f"{m['mean']:.3f}{spread} ({m['seeds']}) · {m['trainable_params']:,}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    gaps = [(name, t["ntk_vs_lora"]) for name, t in tasks.items() if t.get("ntk_vs_lora")]
+    if gaps:
+        lines += ["", "| task | best NTK at or under LoRA r=8's count (chosen on validation) | NTK minus LoRA (positive: NTK ahead) |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {g['ntk']} ({g['ntk_params']:,} vs {g['lora_params']:,}) | {g['difference']:+.3f} |"
+                  for name, g in gaps]
     lines += ["", "Cells: mean ± std over seeds (number of seeds) · trainable parameters besides the new "
               "classification head. Each task's command is in its own JSON (`file`)."]
     return "\n".join(lines) + "\n"
