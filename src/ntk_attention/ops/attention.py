@@ -12,7 +12,7 @@ import torch
 from .backends import DECODE, TRITON, select_backend
 from .checks import check_mask, check_ntk_state, check_prefix, check_qkv, check_tensor
 from .feature_maps import FeatureMapLike, get_feature_map
-from .fused.torch_decode import decode_ntk_attention, decode_state
+from .fused.torch_decode import decode_ntk_attention
 from .fused.torch_fused import MergedAttention
 from .utils import additive_mask, repeat_kv
 
@@ -101,7 +101,7 @@ def ntk_attention(
         return triton_ntk_attention(q, k, v, z, kvec, fmap, causal, additive_mask(attn_mask, q.dtype), scale)
 
     if chosen is DECODE:
-        return decode_ntk_attention(q, k, v, decode_state(z, kvec, H), fmap, additive_mask(attn_mask, q.dtype), scale)
+        return decode_ntk_attention(q, k, v, ntk_decode_state(z, kvec, H), fmap, additive_mask(attn_mask, q.dtype), scale)
     # Under autocast these matmuls would run in bfloat16; the NTK sums need full precision.
     with torch.autocast(q.device.type, enabled=False) if torch.is_autocast_enabled(q.device.type) else nullcontext():
         phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
@@ -120,7 +120,7 @@ def ntk_attention(
 def ntk_decode_state(z: torch.Tensor, kvec: torch.Tensor, heads: int) -> torch.Tensor:
     """``[Z | k]`` stacked per query head (``[heads, r, D_v + 1]``) for ``ntk_decode_step``: prepared once
     and reused for every generated token while ``Z`` and ``k`` stay the same."""
-    return decode_state(z, kvec, heads)
+    return repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1), heads)
 
 
 def ntk_decode_step(q, k, v, state, *, feature_map: FeatureMapLike, attn_mask=None, scale: float | None = None):

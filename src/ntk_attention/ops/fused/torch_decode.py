@@ -8,7 +8,7 @@ its ``(O, lse)`` is merged with ``[N | c] = phi(q)^T [Z | k]`` directly:
 
     out = (e^lse O + N) / (e^lse + c) = (O + w N) / (1 + w c),   w = e^{-lse}  (capped as in the other paths)
 
-``decode_state`` stacks ``[Z | k]`` per query head once; an adapter reuses it for every token
+``ops.ntk_decode_state`` stacks ``[Z | k]`` per query head once; an adapter reuses it for every token
 (``NTKState`` keeps it while its parameters do not change).
 """
 
@@ -20,17 +20,12 @@ from contextlib import nullcontext
 import torch
 
 from ..feature_maps import FeatureMap
-from ..utils import max_exponent, repeat_kv
+from ..utils import max_exponent
 from .torch_states import _Fused
 
 
-def decode_state(z: torch.Tensor, kvec: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[Z | k]`` as ``[heads, r, D_v + 1]``: one state per key/value head repeated over its query heads."""
-    return repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1), heads)
-
-
 def decode_ntk_attention(q, k, v, state, feature_map: FeatureMap, mask, scale: float) -> torch.Tensor:
-    """``q [B,H,1,D]``, ``k, v [B,H_kv,S,*]`` (S >= 1), ``state [H, r, D_v+1]`` from ``decode_state``,
+    """``q [B,H,1,D]``, ``k, v [B,H_kv,S,*]`` (S >= 1), ``state [H, r, D_v+1]`` from ``ntk_decode_state``,
     ``mask`` additive, broadcastable to ``[B,H,1,S]``, or None."""
     B, H, _, D = q.shape
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
