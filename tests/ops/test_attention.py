@@ -393,14 +393,17 @@ def test_decode_step_matches_reference_and_is_chosen_without_gradient(shape, mas
         ntk_attention(q, k, v, z, kvec, causal=True, backend="decode")
 
 
-@pytest.mark.parametrize("mask_kind", [None, "random-bool"])
+@pytest.mark.parametrize("mask_kind", [None, "random-bool", "all-visible", "zero-float"])
 def test_decode_step_with_a_prepared_state_equals_the_operator(mask_kind):
     from ntk_attention.ops import ntk_decode_state, ntk_decode_step
 
     fmap = get_feature_map("elu")
     q, k, v, z, kvec = (t.detach() for t in make_inputs(2, 6, 2, 1, 11, 8, 8, fmap, torch.float32, "cpu"))
     kvec[1] = 0.0  # a head without prefix mass: where it also sees no key the output is 0
-    mask = make_mask(mask_kind, 2, 6, 1, 11, "cpu")
+    if mask_kind in ("all-visible", "zero-float"):  # masks that hide nothing take the unmasked merge
+        mask = torch.ones(2, 1, 1, 11, dtype=torch.bool) if mask_kind == "all-visible" else torch.zeros(2, 6, 1, 11)
+    else:
+        mask = make_mask(mask_kind, 2, 6, 1, 11, "cpu")
     with torch.no_grad():
         state = ntk_decode_state(z, kvec, heads=6)
         out = ntk_decode_step(q, k, v, state, feature_map=fmap, attn_mask=mask)

@@ -101,7 +101,7 @@ def ntk_attention(
         return triton_ntk_attention(q, k, v, z, kvec, fmap, causal, additive_mask(attn_mask, q.dtype), scale)
 
     if chosen is DECODE:
-        return decode_ntk_attention(q, k, v, ntk_decode_state(z, kvec, H), fmap, additive_mask(attn_mask, q.dtype), scale)
+        return decode_ntk_attention(q, k, v, ntk_decode_state(z, kvec, H), fmap, attn_mask, scale)
     # Under autocast these matmuls would run in bfloat16; the NTK sums need full precision.
     with torch.autocast(q.device.type, enabled=False) if torch.is_autocast_enabled(q.device.type) else nullcontext():
         phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
@@ -131,8 +131,7 @@ def ntk_decode_step(q, k, v, state, *, feature_map: FeatureMapLike, attn_mask=No
     if DECODE.refusal(q, k, dropout_p=0.0, has_mask=attn_mask is not None, op="ntk", needs_grad=torch.is_grad_enabled()
                       and q.requires_grad) is not None:
         return None
-    return decode_ntk_attention(q, k, v, state, get_feature_map(feature_map), additive_mask(attn_mask, q.dtype),
-                                _scale(scale, q.shape[-1]))
+    return decode_ntk_attention(q, k, v, state, get_feature_map(feature_map), attn_mask, _scale(scale, q.shape[-1]))
 
 
 def prefix_attention(

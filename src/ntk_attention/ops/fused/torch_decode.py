@@ -20,21 +20,23 @@ from contextlib import nullcontext
 import torch
 
 from ..feature_maps import FeatureMap
-from ..utils import max_exponent
+from ..utils import additive_mask, max_exponent
 from .torch_states import _Fused
 
 
 def decode_ntk_attention(q, k, v, state, feature_map: FeatureMap, mask, scale: float) -> torch.Tensor:
     """``q [B,H,1,D]``, ``k, v [B,H_kv,S,*]`` (S >= 1), ``state [H, r, D_v+1]`` from ``ntk_decode_state``,
-    ``mask`` additive, broadcastable to ``[B,H,1,S]``, or None."""
+    ``mask`` boolean (True = attend) or additive, broadcastable to ``[B,H,1,S]``, or None."""
     B, H, _, D = q.shape
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // H_kv
     with torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext():
         phi = feature_map(q, scale)  # float32 or float64: the NTK sums need full precision
         stats = (phi @ state.to(phi.dtype)).reshape(B, H_kv, G, Dv + 1)
+    if mask is not None and (mask.all() if mask.dtype == torch.bool else not mask.any()):
+        mask = None  # nothing masked (generate() passes such masks without padding): the shorter merge
     if mask is not None:
-        mask = torch.broadcast_to(mask, (B, H, 1, S)).reshape(B, H_kv, G, S).to(q.dtype)
+        mask = torch.broadcast_to(additive_mask(mask, q.dtype), (B, H, 1, S)).reshape(B, H_kv, G, S).to(q.dtype)
     if Dv != D:  # the kernel wants one head dim (as in torch_states._Fused)
         q, k, v = _Fused._pad_heads(q, k, v)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
