@@ -107,6 +107,8 @@ def check_starts(variants: list[Variant]) -> None:
 def check_configs(variants: list[Variant], task: str) -> None:
     """Every variant's config builds before the first run starts: a stale or misspelt field fails here,
     naming the variant, not hours later in the run that uses it."""
+    # Without --task (or with auto) the task comes from the data's columns in each run; only the fields are checked here.
+    task = "classification" if task in (None, "auto") else task
     for variant in variants:
         if variant.method == BASE:
             continue
