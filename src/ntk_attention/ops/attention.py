@@ -128,8 +128,8 @@ def ntk_decode_step(q, k, v, state, *, feature_map: FeatureMapLike, attn_mask=No
     ``ntk_decode_state``: what ``backend="decode"`` computes, without stacking ``[Z | k]`` and checking
     the state again at every layer and token. None where the decode backend does not take the inputs
     (its refusal says why); call ``ntk_attention`` there."""
-    if DECODE.refusal(q, k, dropout_p=0.0, has_mask=attn_mask is not None, op="ntk", needs_grad=torch.is_grad_enabled()
-                      and q.requires_grad) is not None:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state))
+    if DECODE.refusal(q, k, dropout_p=0.0, has_mask=attn_mask is not None, op="ntk", needs_grad=needs_grad) is not None:
         return None
     return decode_ntk_attention(q, k, v, state, get_feature_map(feature_map), attn_mask, _scale(scale, q.shape[-1]))
 
