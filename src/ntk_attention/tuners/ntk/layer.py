@@ -142,7 +142,7 @@ class NTKState(AdapterState):
         they are the same at every layer call of every generated token (a handful of small ops, ~1 ms
         per SmolLM2 token). In-place updates (optimizer steps, ``load_state_dict``, ``set_ntk_state``)
         bump the version."""
-        key = tuple((p.data_ptr(), p._version) for p in self._parameters.values())  # parameters() costs ~20 us a call
+        key = tuple((p.data_ptr(), p._version) for p in self._parameters.values())  # not parameters(): a module walk per layer and token
         if getattr(self, "_state_cache", (None,))[0] != key:
             z, kvec = self.ntk_state()
             self._state_cache = (key, (z, kvec, ntk_decode_state(z, kvec, self.geometry.heads)))
