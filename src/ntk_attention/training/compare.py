@@ -44,6 +44,7 @@ from ..cli import non_negative_int, positive_int
 from ..io import save_figure, write_json, write_text
 from . import methods
 from .options import add_run_arguments, forwarded_options, parse_options, run_option_names
+from .plots import draw_methods
 
 BASE = "base"  # the untuned model, scored but not trained
 VARIANT_METHODS = methods.NAMES + (BASE,)
@@ -483,31 +484,14 @@ def plot(record: dict, prefix: str) -> None:
 
     methods = record["methods"]
     metric = record.get("metric") or reported_metric(record)[0]
-    colours = {"ntk": "tab:red", "lora": "tab:blue", "prefix": "tab:green", "full": "black", "head": "tab:gray",
-               BASE: "tab:gray"}
     for key, xlabel, suffix, log in (("trainable_params_excl_head", "trainable parameters besides the head", "params", True),
                                      ("train_seconds", "train time per run (s)", "time", False)):
         figure, axes = plt.subplots(figsize=(7, 4.5))
-        by_method: dict[str, list] = {}
-        for label, m in methods.items():
-            y, err = m[f"dev_{metric}"], m[f"dev_{metric}_std"]
-            if key == "trainable_params_excl_head" and m[key] == 0:
-                axes.axhline(y, color=colours.get(m["method"], "gray"), linestyle="--", linewidth=1,
-                             label=f"{label} ({'untuned' if m['method'] == BASE else 'no adapter'})")
-                continue
-            colour = colours.get(m["method"], "tab:purple")
-            axes.errorbar(m[key], y, yerr=err, fmt="o", capsize=3, color=colour)
-            axes.annotate(label, (m[key], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-            by_method.setdefault(m["method"], []).append((m[key], y))
-        for method, points in by_method.items():
-            points.sort()
-            axes.plot(*zip(*points), color=colours.get(method, "tab:purple"), alpha=0.4, label=method)
-        if log:
-            axes.set_xscale("log")
+        points = [(f"{label} ({'untuned' if m['method'] == BASE else 'no adapter'})" if log and m[key] == 0 else label,
+                   m["method"], m[key], m[f"dev_{metric}"], m[f"dev_{metric}_std"]) for label, m in methods.items()]
+        draw_methods(axes, points, log_x=log, fontsize=8)
         axes.set_xlabel(xlabel)
         axes.set_ylabel(f"dev {metric}")
         axes.set_title(f"{record['name']}: dev {metric} vs {xlabel}", fontsize=10)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
         save_figure(f"{prefix}-{suffix}.png", figure)
         plt.close(figure)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import save_figure, write_json, write_jsonl, write_text
+from .plots import draw_methods
 
 # metric -> (what train/compare report it from, higher is better)
 METRICS = {"accuracy": True, "mcc": True, "perplexity": False, "exact_match": True, "loss": False}
@@ -312,28 +313,15 @@ def summary_plot(summary: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"ntk": "tab:red", "lora": "tab:blue", "prefix": "tab:green", "full": "black"}
     tasks = summary["tasks"]
     columns = min(3, len(tasks))
     rows = -(-len(tasks) // columns)
     figure, panels = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
     for axes, (name, task) in zip(panels.flat, tasks.items()):
-        families: dict[str, list] = {}
-        for label, m in task["methods"].items():
-            if m["trainable_params"] == 0:
-                axes.axhline(m["mean"], color="tab:gray", linestyle="--", linewidth=1, label=label)
-                continue
-            colour = colours.get(m["method"], "tab:purple")
-            axes.errorbar(m["trainable_params"], m["mean"], yerr=m["std"], fmt="o", ms=4, capsize=2, color=colour)
-            axes.annotate(label, (m["trainable_params"], m["mean"]), textcoords="offset points", xytext=(3, 3), fontsize=6)
-            families.setdefault(m["method"], []).append((m["trainable_params"], m["mean"]))
-        for method, points in families.items():
-            axes.plot(*zip(*sorted(points)), color=colours.get(method, "tab:purple"), alpha=0.4, label=method)
-        axes.set_xscale("log")
+        points = [(label, m["method"], m["trainable_params"], m["mean"], m["std"]) for label, m in task["methods"].items()]
+        draw_methods(axes, points, log_x=True, fontsize=7)
         axes.set_title(f"{name} ({task['metric']}, {'higher' if task['higher_is_better'] else 'lower'} is better)", fontsize=9)
         axes.set_xlabel("trainable parameters besides the head", fontsize=8)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=6)
     for axes in list(panels.flat)[len(tasks):]:
         axes.set_visible(False)
     figure.tight_layout()
