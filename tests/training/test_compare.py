@@ -48,6 +48,14 @@ def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_ber
         cli.main(argv + ["--ntk-adapter-max-params", str(ntk["trainable_params_excl_head"] - 1)])
     assert {p.name: p.read_bytes() for p in (out / "tiny" / "ntk").iterdir()} == copied
     assert not (out / "tiny.json").exists()
+    # A widened grid trains the new rate only: the old rates' validation scores come back unchanged.
+    out_widened = tmp_path / "results-widened"  # the adapter copied above may no longer be the best
+    widened = [{"ntk-m4=1e-3,3e-2": "ntk-m4=1e-3,3e-2,1e-1", str(out): str(out_widened)}.get(arg, arg) for arg in argv]
+    assert cli.main(widened) == 0
+    grid_now = json.loads((out_widened / "tiny.json").read_text())["methods"]["ntk-m4"]["validation_grid"]
+    assert set(grid_now) == {"0.001", "0.03", "0.1"}
+    assert {lr: grid_now[lr] for lr in grid} == pytest.approx(grid)
+    assert "resume from their checkpoints" in (work / "tiny" / "ntk-m4" / "seed0" / "log.txt").read_text()
 
 
 def test_compare_never_removes_an_adapter_it_did_not_write(tmp_path):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import json
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from ntk_attention import cli
@@ -39,7 +41,7 @@ def run_argv(tiny_bert, sst_files, out, *extra):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_bert, sst_files):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert cli.main(run_argv(tiny_bert, sst_files, out)) == 0
+    assert cli.main(run_argv(tiny_bert, sst_files, out, "--result-json", str(out / "result.json"))) == 0
     return out
 
 
@@ -84,7 +86,6 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, monkeypatch
     before = sorted(str(p) for p in out.rglob("*"))
     monkeypatch.setattr(M, "load_tokenizer", lambda *a, **k: pytest.fail("a model was loaded"))
     for extra, named in [(["--config", "virtual_prefix_length=8"], r"config \{\} \(now \{'virtual_prefix_length': 8\}\)"),
-                         (["--lr", "1e-3"], r"learning_rates \[0\.03\] \(now \[0\.001\]\)"),
                          (["--epochs", "3"], r"epochs 2\.0 \(now 3\.0\)"),
                          (["--method", "prefix", "--lr", "3e-2"], "method 'ntk' \\(now 'prefix'\\)")]:
         with pytest.raises(ValueError, match=named):
@@ -95,6 +96,30 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, monkeypatch
     (tmp_path / "old" / C.SETTINGS_FILE).unlink()  # a run of a version that did not record them
     with pytest.raises(ValueError, match="no run_settings.json"):
         cli.main(run_argv(tiny_bert, sst_files, tmp_path / "old", "--resume"))
+
+
+def test_resume_with_a_widened_grid_trains_only_the_new_rate(tmp_path, capsys, monkeypatch, tiny_bert, sst_files, uninterrupted):
+    """Widening a suite's grid once meant training every old rate again (--resume refused the new list)."""
+    from ntk_attention.training import train as T
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    trained_steps = []
+    original = T.make_trainer
+    def counting_trainer(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(type("Count", (transformers.TrainerCallback,), {
+            "on_step_end": lambda self, a, state, c, **k: trained_steps.append(a.learning_rate)})())
+        return trainer
+    monkeypatch.setattr(T, "make_trainer", counting_trainer)
+    capsys.readouterr()
+    result = tmp_path / "result.json"
+    assert cli.main(run_argv(tiny_bert, sst_files, out, "--resume", "--lr", "3e-2", "1e-3", "--result-json", str(result))) == 0
+    assert "learning rates [0.03] are now [0.03, 0.001]: [0.03] resume" in capsys.readouterr().err
+    assert set(trained_steps) == {1e-3} and len(trained_steps) == 12  # the complete 0.03 run took no step
+    grid = {run["learning_rate"]: run["validation"] for run in json.loads(result.read_text())["grid"]}
+    old = json.loads((uninterrupted / "result.json").read_text())["grid"][0]
+    assert set(grid) == {3e-2, 1e-3} and grid[3e-2] == pytest.approx(old["validation"])
 
 
 def test_a_fresh_start_does_not_leave_an_earlier_runs_checkpoints_to_resume_from(tmp_path, tiny_bert, sst_files, uninterrupted):

@@ -2,7 +2,9 @@
 
 A run records its settings in ``<output-dir>/run_settings.json`` before it trains; ``--resume``
 compares them with the new command line and refuses, naming the fields that differ, when they are
-not the same run (a checkpoint of another config would otherwise continue silently). A process
+not the same run (a checkpoint of another config would otherwise continue silently). The learning
+rates may change: each trains in its own ``checkpoints/lr-*`` folder, so kept rates resume and new
+ones start, which is how a grid is widened without training it again. A process
 killed while Trainer writes ``checkpoint-N`` leaves a folder that Trainer cannot resume from; such
 folders are skipped (and removed) and the newest complete one is used.
 
@@ -26,6 +28,7 @@ from safetensors import safe_open
 from ..io import write_json
 
 SETTINGS_FILE = "run_settings.json"
+RATES_KEY = "learning_rates"  # may change on --resume: every rate has its own checkpoint folder
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")  # PEFT / ours and Trainer's
 SHARD_INDEX = "model.safetensors.index.json"
@@ -50,10 +53,18 @@ def record_settings(output_dir: str, settings: dict, resume: bool, is_main_proce
             raise ValueError(f"--resume: cannot read {path} ({error}); delete the output folder or use another "
                              "--output-dir") from None
         differ = [f"{key} {recorded.get(key)!r} (now {settings.get(key)!r})"
-                  for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+                  for key in sorted(set(recorded) | set(settings))
+                  if key != RATES_KEY and recorded.get(key) != settings.get(key)]
         if differ:
             raise ValueError(f"--resume: {output_dir} holds a run started with other settings: " + "; ".join(differ)
                              + ". Resume with the same options, or train into another --output-dir")
+        old_rates, new_rates = recorded.get(RATES_KEY) or [], settings.get(RATES_KEY) or []
+        if is_main_process and sorted(old_rates) != sorted(new_rates):
+            # Each rate trains in its own checkpoints/lr-* folder, so a changed grid only adds or drops runs.
+            kept = [rate for rate in new_rates if rate in old_rates]
+            say(f"--resume: learning rates {old_rates} are now {new_rates}: "
+                + (f"{kept} resume from their checkpoints, " if kept else "")
+                + "the others start from the beginning")
     elif resume and checkpoint_folders(os.path.join(output_dir, "checkpoints")):
         raise ValueError(f"--resume: {output_dir} has checkpoints but no {SETTINGS_FILE} (written by an older "
                          "version), so it cannot be checked to be the same run; delete it or use another --output-dir")

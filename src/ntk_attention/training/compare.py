@@ -184,12 +184,14 @@ def train_command(args, variant: Variant, rates: list[float], seed: int, folder:
     return command + forwarded_options(args, run_option_names())
 
 
-def run_once(command: list[str], folder: str) -> dict:
-    """Run one ``ntk-attn train`` / ``eval`` unless its result.json is already there; its log goes beside it."""
+def run_once(command: list[str], folder: str, rates: list[float] | None = None) -> dict:
+    """Run one ``ntk-attn train`` / ``eval`` unless its result.json is already there (for ``rates``, a
+    train run over that grid: a changed grid runs again with ``--resume``, which reuses the rates
+    already trained); its log goes beside it."""
     result_file = os.path.join(folder, "result.json")
-    if not os.path.isfile(result_file):
+    if not os.path.isfile(result_file) or (rates is not None and _grid_of(result_file) != sorted(rates)):
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "log.txt"), "w") as log:
+        with open(os.path.join(folder, "log.txt"), "a") as log:
             log.write(shlex.join(command) + "\n")
             log.flush()
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
@@ -197,6 +199,14 @@ def run_once(command: list[str], folder: str) -> dict:
             raise RuntimeError(f"{command[3]} failed (exit {done.returncode}); see {os.path.join(folder, 'log.txt')}")
     with open(result_file) as handle:
         return json.load(handle)
+
+
+def _grid_of(result_file: str) -> list[float] | None:
+    try:
+        with open(result_file) as handle:
+            return sorted(run["learning_rate"] for run in json.load(handle)["grid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: check_run names the problem after the rerun
 
 
 def score_base(args, variant: Variant) -> dict:
@@ -224,7 +234,8 @@ def run_variant(args, variant: Variant, rates: list[float], started: dict) -> di
         started[variant.init_from].result()  # its adapters must exist; it was submitted first, so no deadlock
     def train(seed: int, seed_rates: list[float]) -> dict:
         folder = run_folder(args, variant.label, seed)
-        return check_run(run_once(train_command(args, variant, seed_rates, seed, folder), folder), variant, seed, seed_rates, folder)
+        return check_run(run_once(train_command(args, variant, seed_rates, seed, folder), folder, seed_rates), variant, seed,
+                         seed_rates, folder)
 
     first = train(args.seeds[0], rates)
     return summarize(variant, [first] + [train(seed, [first["learning_rate"]]) for seed in args.seeds[1:variant.seeds]])
