@@ -155,3 +155,19 @@ def test_a_cached_result_of_another_grid_config_or_seed_is_refused():
                                              ("ntk-m4=prefix:num_virtual_tokens=4", 0, [1e-3, 3e-3], "method")]:
         with pytest.raises(ValueError, match=named):
             check_run(result, parse_variant(variant_spec), seed, rates, "run")
+
+
+def test_a_cached_run_of_an_older_default_is_refused(tmp_path):
+    """`ntk` has no options, so a run made before a default changed once passed as today's `ntk`."""
+    from ntk_attention import NTKConfig
+
+    folder = tmp_path / "ntk" / "seed0"
+    NTKConfig(task_type="SEQ_CLS").save_pretrained(str(folder / "adapter"))
+    result = {"method": "ntk", "config": {}, "seed": 0, "task": "classification", "adapter": str(folder / "adapter"),
+              "grid": [{"learning_rate": 1e-3}]}
+    assert check_run(result, parse_variant("ntk"), 0, [1e-3], str(folder)) is result
+    config_file = folder / "adapter" / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**saved, "feature_map": "taylor:degree=2", "k_init": 0.01}))
+    with pytest.raises(ValueError, match=r"feature_map 'taylor:degree=2' \(asked: '.*'\), k_init 0.01 \(asked: 0.0\)"):
+        check_run(result, parse_variant("ntk"), 0, [1e-3], str(folder))

@@ -26,6 +26,7 @@ not write in the same call.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import filecmp
 import json
 import os
@@ -42,6 +43,8 @@ from dataclasses import dataclass, field
 
 from ..cli import non_negative_int, positive_int
 from ..io import save_figure, write_json, write_text
+from ..tuners import METHODS as TUNER_METHODS
+from ..tuners.config import AdapterConfig
 from . import methods
 from .options import add_run_arguments, forwarded_options, parse_options, run_option_names
 from .plots import draw_methods
@@ -252,10 +255,26 @@ def check_run(result: dict, variant: Variant, seed: int, rates: list[float], fol
              "learning rates": sorted(run["learning_rate"] for run in result.get("grid", [])),
              "adapter folder": folder if os.path.commonpath([adapter, folder]) == folder else adapter}
     differ = [f"{key} {found[key]!r} (asked: {asked[key]!r})" for key in asked if found[key] != asked[key]]
+    differ += _changed_defaults(result, variant)
     if differ:
         raise ValueError(f"{os.path.join(folder, 'result.json')} is another run: " + ", ".join(differ)
                          + "; delete the folder or use another --work-dir / --name")
     return result
+
+
+def _changed_defaults(result: dict, variant: Variant) -> list[str]:
+    """Fields of the saved adapter's config that today's config for the same variant sets otherwise: a
+    run of ``ntk`` made before a default changed has the same (empty) options but is another run."""
+    config_file = os.path.join(result.get("adapter") or "", "adapter_config.json")
+    if variant.method not in TUNER_METHODS or not os.path.isfile(config_file):
+        return []
+    with open(config_file) as handle:
+        saved = json.load(handle)
+    current = methods.method_config(variant.method, result.get("task"), parse_options(variant.config))
+    own = {f.name for f in dataclasses.fields(current)} - {f.name for f in dataclasses.fields(AdapterConfig)}
+    now = json.loads(json.dumps({name: getattr(current, name) for name in own}))  # as a file reads back
+    return [f"{name} {saved[name]!r} (asked: {now[name]!r})"
+            for name in sorted(own) if name in saved and saved[name] != now[name]]
 
 
 def selection_metric(result: dict) -> str:
