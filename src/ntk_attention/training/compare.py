@@ -266,8 +266,8 @@ def _changed_defaults(result: dict, variant: Variant) -> list[str]:
     """Fields of the saved adapter's config that today's config for the same variant sets otherwise: a
     run of ``ntk`` made before a default changed has the same (empty) options but is another run."""
     config_file = os.path.join(result.get("adapter") or "", "adapter_config.json")
-    if variant.method not in TUNER_METHODS or not os.path.isfile(config_file):
-        return []
+    if variant.method not in TUNER_METHODS or variant.init_from or not os.path.isfile(config_file):
+        return []  # a start from a prefix takes m and the feature map from the conversion
     with open(config_file) as handle:
         saved = json.load(handle)
     current = methods.method_config(variant.method, result.get("task"), parse_options(variant.config))
