@@ -33,7 +33,7 @@ class SquaredReluFeatureMap(FeatureMap):
 
 @pytest.mark.parametrize(
     "spec, canonical",
-    [("elu", "elu"), ("random", "random:num_features=256:seed=0"), ("random:64", "random:num_features=64:seed=0"),
+    [("elu", "elu"), ("random", "random:seed=0"), ("random:64", "random:num_features=64:seed=0"),
      ("random:num_features=32:seed=7", "random:num_features=32:seed=7"), ("taylor:degree=1", "taylor:degree=1"),
      ("taylor:1", "taylor:degree=1"), ("test-squared-relu:width=2", "test-squared-relu:eps=0.001:width=2")],
 )
@@ -86,3 +86,14 @@ def test_a_users_feature_map_trains_saves_and_loads_by_name(tmp_path):
     loaded = PeftModel.from_pretrained(build("llama-gqa"), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_random_without_a_count_has_as_many_features_as_the_head_and_legacy_files_keep_256():
+    from ntk_attention.tuners.legacy import legacy_config
+
+    fmap = get_feature_map("random")
+    assert [fmap.feature_dim(d) for d in (16, 64)] == [16, 64]
+    x = torch.randn(2, 3, 5, 16)
+    torch.testing.assert_close(fmap(x, 0.25), get_feature_map("random:num_features=16")(x, 0.25), rtol=0, atol=0)
+    old = {"method": "ntk", "library_version": "0.1.0", "feature_map": "random", "num_features": None, "feature_seed": 0}
+    assert legacy_config(old, "old/adapter_config.json").feature_map == "random:num_features=256:seed=0"

@@ -194,14 +194,17 @@ class RandomFeatureMap(FeatureMap):
 
     Unbiased for ``exp(scale * q.k)`` with ``x = q * sqrt(scale)``, ``w ~ N(0, I)``. The projection
     is drawn from ``seed`` on the CPU, so the same (seed, r, D) gives the same map on every device
-    and after save/load without storing it.
+    and after save/load without storing it. ``num_features`` None: r = D, the head dimension (as many
+    as ``elu``, so the same adapter size).
     """
 
     primary_option = "num_features"
 
-    def __init__(self, num_features: int = 256, seed: int = 0):
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"RandomFeatureMap: num_features must be a positive int, got {num_features!r}")
+    def __init__(self, num_features: int | None = None, seed: int = 0):
+        if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)
+                                         or num_features < 1):
+            raise ValueError(f"RandomFeatureMap: num_features must be a positive int or None (r = head dim), "
+                             f"got {num_features!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"RandomFeatureMap: seed must be an int, got {seed!r}")
         self.num_features = num_features
@@ -209,24 +212,24 @@ class RandomFeatureMap(FeatureMap):
         self._cache: dict = {}
 
     def feature_dim(self, head_dim: int) -> int:
-        return self.num_features
+        return head_dim if self.num_features is None else self.num_features
 
     def projection(self, head_dim: int, device, dtype) -> torch.Tensor:
         key = (head_dim, str(device), dtype)
         if key not in self._cache:
             gen = torch.Generator().manual_seed(self.seed)
-            w = torch.randn(head_dim, self.num_features, generator=gen, dtype=torch.float64)
+            w = torch.randn(head_dim, self.feature_dim(head_dim), generator=gen, dtype=torch.float64)
             self._cache[key] = w.to(device=device, dtype=dtype)
         return self._cache[key]
 
     def __call__(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         x = x.to(_compute_dtype(x)) * math.sqrt(scale)
         w = self.projection(x.shape[-1], x.device, x.dtype)
-        log_phi = x @ w - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(self.num_features)
+        log_phi = x @ w - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(w.shape[-1])
         return torch.exp(log_phi)
 
     def options(self) -> dict:
-        return {"num_features": self.num_features, "seed": self.seed}
+        return {"seed": self.seed} if self.num_features is None else {"num_features": self.num_features, "seed": self.seed}
 
 
 class CallableFeatureMap(FeatureMap):

@@ -38,6 +38,8 @@ def legacy_config(data: dict, source: str):
     if method == "ntk":
         if data.get("feature_map", "elu") != "random" and data.get("feature_seed") == 0:
             del data["feature_seed"]  # written for every map, used by "random" only
+        if data.get("feature_map") == "random" and data.get("num_features") is None:
+            data["num_features"] = 256  # the default then; "random" alone is r = head dim now
         try:
             data = fold_feature_options(data)
         except ValueError as err:

@@ -49,7 +49,8 @@ class NTKConfig(AdapterConfig):
     feature_map: ``phi`` as a spec string, a registered name with options: "elu" (r = d),
         "random:num_features=256:seed=0" (positive random features), "taylor:degree=2" (or 1); a map a
         user registered with ``@register_feature_map(name)`` works the same way and is saved by name.
-        The canonical spec is stored (``"random"`` becomes ``"random:num_features=256:seed=0"``).
+        The canonical spec is stored (``"random:64"`` becomes ``"random:num_features=64:seed=0"``;
+        ``"random"`` alone, ``"random:seed=0"``, has r = d features).
     rank: None for a full ``Z``; an even s <= min(r, d_v) for ``Z = A B - A' B'`` (``W`` in the tied form; r x s/2
         times s/2 x d_v twice) whose two halves start equal, so it is 0 at the start while every
         factor gets a gradient.
