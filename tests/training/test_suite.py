@@ -240,3 +240,20 @@ def test_matthews_correlation():
     assert matthews_correlation(np.zeros(8, dtype=int), labels) == 0.0  # constant prediction
     three = np.array([0, 1, 2, 2, 1, 0])
     assert matthews_correlation(three, three) == pytest.approx(1.0)
+
+
+def test_ntk_against_prefix_keeps_full_state_variants_only():
+    """A low-rank NTK trains fewer numbers than it holds at decode; against a prefix's KV cache it must not count."""
+    from ntk_attention.training.suite import ntk_against
+
+    def row(method, params, validation, dev, **config):
+        return {"method": method, "trainable_params_excl_head": params, "validation_grid": {"0.001": validation},
+                "selection_metric": "accuracy", "dev_accuracy": dev, "config": config}
+
+    methods = {"prefix-m16": row("prefix", 1000, 0.80, 0.78), "ntk": row("ntk", 1040, 0.79, 0.75),
+               "ntk-rank8": row("ntk", 300, 0.85, 0.81, rank=8), "ntk-big": row("ntk", 5000, 0.90, 0.90)}
+    by_count = ntk_against(methods, True, "accuracy", "prefix-m16")
+    assert by_count["ntk"] == "ntk-rank8" and by_count["difference"] == pytest.approx(0.03)
+    at_memory = ntk_against(methods, True, "accuracy", "prefix-m16", full_state_only=True)
+    assert at_memory["ntk"] == "ntk" and at_memory["difference"] == pytest.approx(-0.03)
+    assert ntk_against(methods, True, "accuracy", "lora") is None

@@ -272,7 +272,9 @@ def write_summary(out_dir: str) -> dict:
         tasks[suite["name"]] = {"metric": metric, "higher_is_better": suite["higher_is_better"],
                                 "model": suite["model"], "file": file.name, "command": record["command"],
                                 "main_variants": suite.get("main_variants", []), "methods": methods,
-                                "ntk_vs_lora": ntk_against_lora(record["methods"], suite["higher_is_better"], metric)}
+                                "ntk_vs_lora": ntk_against(record["methods"], suite["higher_is_better"], metric, "lora"),
+                                "ntk_vs_prefix": ntk_against(record["methods"], suite["higher_is_better"], metric,
+                                                             "prefix-m16", full_state_only=True)}
     summary = {"tasks": tasks}
     write_json(os.path.join(out_dir, "suite.json"), summary)
     write_text(os.path.join(out_dir, "suite.md"), summary_table(summary))
@@ -281,15 +283,20 @@ def write_summary(out_dir: str) -> dict:
     return summary
 
 
-def ntk_against_lora(methods: dict, higher_is_better: bool, metric: str, lora: str = "lora") -> dict | None:
-    """The issue's yardstick: the NTK variant at or under LoRA r=8's parameter count that scores best on
-    *validation* (first seed, best learning rate), and its reported mean minus LoRA's (positive: NTK ahead,
-    whichever way the metric points). None until both have run."""
-    if lora not in methods:
+def ntk_against(methods: dict, higher_is_better: bool, metric: str, reference: str, full_state_only: bool = False) -> dict | None:
+    """The issue's yardstick: the NTK variant at or under ``reference``'s parameter count (within 5%) that
+    scores best on *validation* (first seed, best learning rate), and its reported mean minus the
+    reference's (positive: NTK ahead, whichever way the metric points). None until both have run.
+
+    ``full_state_only`` keeps NTK variants whose trainable count is their decode state (no ``rank``):
+    against a prefix without a projection, whose trainable count is its KV cache, that is a comparison
+    at equal decode memory."""
+    if reference not in methods:
         return None
-    budget = methods[lora]["trainable_params_excl_head"]
+    budget = methods[reference]["trainable_params_excl_head"]
     candidates = [(label, m) for label, m in methods.items()
-                  if m["method"] == "ntk" and m["trainable_params_excl_head"] <= budget * 1.05]  # "at": within 5%
+                  if m["method"] == "ntk" and m["trainable_params_excl_head"] <= budget * 1.05
+                  and not (full_state_only and (m.get("config") or {}).get("rank") is not None)]
     if not candidates:
         return None
 
@@ -300,9 +307,9 @@ def ntk_against_lora(methods: dict, higher_is_better: bool, metric: str, lora: s
         return -best if loss_like else best
 
     label, best = max(candidates, key=lambda item: validation(item[1]))
-    difference = best[f"dev_{metric}"] - methods[lora][f"dev_{metric}"]
-    return {"ntk": label, "ntk_params": best["trainable_params_excl_head"], "lora_params": budget,
-            "difference": difference if higher_is_better else -difference}
+    difference = best[f"dev_{metric}"] - methods[reference][f"dev_{metric}"]
+    return {"ntk": label, "ntk_params": best["trainable_params_excl_head"], "reference": reference,
+            "reference_params": budget, "difference": difference if higher_is_better else -difference}
 
 
 def summary_plot(summary: dict, path: str) -> None:
@@ -348,12 +355,13 @@ def summary_table(summary: dict) -> str:
             spread = f" ± {m['std']:.3f}" if m["seeds"] > 1 else ""
             cells.append(f"{m['mean']:.3f}{spread} ({m['seeds']}) · {m['trainable_params']:,}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    gaps = [(name, t["ntk_vs_lora"]) for name, t in tasks.items() if t.get("ntk_vs_lora")]
-    if gaps:
-        lines += ["", "| task | best NTK at or under LoRA r=8's count (chosen on validation) | NTK minus LoRA (positive: NTK ahead) |",
-                  "|---|---|---|"]
-        lines += [f"| {name} | {g['ntk']} ({g['ntk_params']:,} vs {g['lora_params']:,}) | {g['difference']:+.3f} |"
-                  for name, g in gaps]
+    for key, against in (("ntk_vs_lora", "LoRA r=8's count"), ("ntk_vs_prefix", "prefix m=16's decode memory")):
+        gaps = [(name, t[key]) for name, t in tasks.items() if t.get(key)]
+        if gaps:
+            lines += ["", f"| task | best NTK at or under {against} (chosen on validation) | NTK minus {gaps[0][1]['reference']} "
+                      "(positive: NTK ahead) |", "|---|---|---|"]
+            lines += [f"| {name} | {g['ntk']} ({g['ntk_params']:,} vs {g['reference_params']:,}) | {g['difference']:+.3f} |"
+                      for name, g in gaps]
     lines += ["", "Cells: mean ± std over seeds (number of seeds) · trainable parameters besides the new "
               "classification head. Each task's command is in its own JSON (`file`)."]
     return "\n".join(lines) + "\n"
