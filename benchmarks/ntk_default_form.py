@@ -11,6 +11,7 @@ features, ``W`` the values of the r virtual tokens, ``k >= 0`` their masses, bot
     absolute        out = (sum_l e^{s_l} v_l + phi^T diag(k) W) / (sum_l e^{s_l} + phi^T k)      (m = 32)
     absolute-m8     the same with m = 8
     authors-start   absolute with the authors' start mass (k_init = 0.018 / 32), the old default
+    random          absolute with positive random features, r = d (``feature_map="random"``) instead of elu
 
 "absolute" is NTKConfig() since the default changed (k_init = 0): the prefix mass phi^T k is added
 to the row's own mass sum e^s. The "relative" rows of benchmarks/results/ntk_default_form.md
@@ -40,9 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FORMS = {
     "lora": None,
-    "absolute": {"k_init": 0.0, "virtual_prefix_length": 32.0},
-    "absolute-m8": {"k_init": 0.0, "virtual_prefix_length": 8.0},
-    "authors-start": {"k_init": 0.018 / 32},  # the default until k_init = 0: m k = 0.018 per feature
+    "absolute": {"k_init": 0.0, "virtual_prefix_length": 32.0, "feature_map": "elu"},
+    "absolute-m8": {"k_init": 0.0, "virtual_prefix_length": 8.0, "feature_map": "elu"},
+    "authors-start": {"k_init": 0.018 / 32, "feature_map": "elu"},  # the default until k_init = 0: m k = 0.018 per feature
+    "random": {"k_init": 0.0, "virtual_prefix_length": 32.0, "feature_map": "random"},  # r = d random features
 }
 
 
