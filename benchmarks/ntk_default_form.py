@@ -12,6 +12,7 @@ features, ``W`` the values of the r virtual tokens, ``k >= 0`` their masses, bot
     absolute-m8     the same with m = 8
     authors-start   absolute with the authors' start mass (k_init = 0.018 / 32), the old default
     random          absolute with positive random features, r = d (``feature_map="random"``) instead of elu
+    random-m128     the same with m = 128
 
 "absolute" is NTKConfig() since the default changed (k_init = 0): the prefix mass phi^T k is added
 to the row's own mass sum e^s. The "relative" rows of benchmarks/results/ntk_default_form.md
@@ -45,6 +46,7 @@ FORMS = {
     "absolute-m8": {"k_init": 0.0, "virtual_prefix_length": 8.0, "feature_map": "elu"},
     "authors-start": {"k_init": 0.018 / 32, "feature_map": "elu"},  # the default until k_init = 0: m k = 0.018 per feature
     "random": {"k_init": 0.0, "virtual_prefix_length": 32.0, "feature_map": "random"},  # r = d random features
+    "random-m128": {"k_init": 0.0, "virtual_prefix_length": 128.0, "feature_map": "random"},
 }
 
 
