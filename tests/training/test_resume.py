@@ -166,3 +166,23 @@ def test_runs_killed_mid_epoch_mid_checkpoint_and_mid_save_resume_to_the_uninter
     assert f"resuming from {checkpoints / 'checkpoint-12'}" in capsys.readouterr().err
     assert_same(adapter(out), adapter(uninterrupted))
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the killed save's staging folder is gone
+
+
+def test_resume_refuses_a_run_made_under_another_default(tmp_path, monkeypatch, tiny_bert, sst_files, uninterrupted):
+    """The options ({} for the default) once were all --resume compared: a checkpoint made under an
+    older default would have continued under the new one."""
+    from ntk_attention.training import models as M
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    settings_file = out / C.SETTINGS_FILE
+    recorded = json.loads(settings_file.read_text())
+    assert recorded["method_fields"]["feature_map"] == "elu"
+    settings_file.write_text(json.dumps({**recorded, "method_fields": {**recorded["method_fields"], "feature_map": "taylor:degree=2"}}))
+    monkeypatch.setattr(M, "load_tokenizer", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=r"method_fields .*'taylor:degree=2'"):
+        cli.main(run_argv(tiny_bert, sst_files, out, "--resume"))
+    # a file from a version that did not record the fields resumes: there is nothing to compare
+    settings_file.write_text(json.dumps({k: v for k, v in recorded.items() if k != "method_fields"}))
+    monkeypatch.undo()
+    assert cli.main(run_argv(tiny_bert, sst_files, out, "--resume")) == 0

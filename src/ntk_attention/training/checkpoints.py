@@ -52,9 +52,9 @@ def record_settings(output_dir: str, settings: dict, resume: bool, is_main_proce
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"--resume: cannot read {path} ({error}); delete the output folder or use another "
                              "--output-dir") from None
-        differ = [f"{key} {recorded.get(key)!r} (now {settings.get(key)!r})"
-                  for key in sorted(set(recorded) | set(settings))
-                  if key != RATES_KEY and recorded.get(key) != settings.get(key)]
+        # A key the file lacks was not recorded by the version that started the run: not compared.
+        differ = [f"{key} {recorded[key]!r} (now {settings.get(key)!r})"
+                  for key in sorted(recorded) if key != RATES_KEY and recorded[key] != settings.get(key)]
         if differ:
             raise ValueError(f"--resume: {output_dir} holds a run started with other settings: " + "; ".join(differ)
                              + ". Resume with the same options, or train into another --output-dir")

@@ -26,7 +26,6 @@ not write in the same call.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import filecmp
 import json
 import os
@@ -43,8 +42,6 @@ from dataclasses import dataclass, field
 
 from ..cli import non_negative_int, positive_int
 from ..io import save_figure, write_json, write_text
-from ..tuners import METHODS as TUNER_METHODS
-from ..tuners.config import AdapterConfig
 from . import methods
 from .options import add_run_arguments, forwarded_options, parse_options, run_option_names
 from .plots import draw_methods
@@ -192,7 +189,8 @@ def run_once(command: list[str], folder: str, rates: list[float] | None = None) 
     train run over that grid: a changed grid runs again with ``--resume``, which reuses the rates
     already trained); its log goes beside it."""
     result_file = os.path.join(folder, "result.json")
-    if not os.path.isfile(result_file) or (rates is not None and _grid_of(result_file) != sorted(rates)):
+    cached = _read_result(result_file)
+    if cached is None or (rates is not None and grid_rates(cached) != sorted(rates)):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "log.txt"), "a") as log:
             log.write(shlex.join(command) + "\n")
@@ -200,16 +198,22 @@ def run_once(command: list[str], folder: str, rates: list[float] | None = None) 
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             raise RuntimeError(f"{command[3]} failed (exit {done.returncode}); see {os.path.join(folder, 'log.txt')}")
-    with open(result_file) as handle:
-        return json.load(handle)
+        with open(result_file) as handle:
+            cached = json.load(handle)
+    return cached
 
 
-def _grid_of(result_file: str) -> list[float] | None:
+def _read_result(result_file: str) -> dict | None:
+    """A cached result, or None when there is none or it cannot be read (the run is done again)."""
     try:
         with open(result_file) as handle:
-            return sorted(run["learning_rate"] for run in json.load(handle)["grid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # unreadable: check_run names the problem after the rerun
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def grid_rates(result: dict) -> list[float]:
+    return sorted(run["learning_rate"] for run in result.get("grid", []))
 
 
 def score_base(args, variant: Variant) -> dict:
@@ -252,7 +256,7 @@ def check_run(result: dict, variant: Variant, seed: int, rates: list[float], fol
     asked = {"method": variant.method, "config": parse_options(variant.config), "seed": seed,
              "learning rates": sorted(rates), "adapter folder": folder}
     found = {"method": result.get("method"), "config": result.get("config"), "seed": result.get("seed"),
-             "learning rates": sorted(run["learning_rate"] for run in result.get("grid", [])),
+             "learning rates": grid_rates(result),
              "adapter folder": folder if os.path.commonpath([adapter, folder]) == folder else adapter}
     differ = [f"{key} {found[key]!r} (asked: {asked[key]!r})" for key in asked if found[key] != asked[key]]
     differ += _changed_defaults(result, variant)
@@ -266,15 +270,13 @@ def _changed_defaults(result: dict, variant: Variant) -> list[str]:
     """Fields of the saved adapter's config that today's config for the same variant sets otherwise: a
     run of ``ntk`` made before a default changed has the same (empty) options but is another run."""
     config_file = os.path.join(result.get("adapter") or "", "adapter_config.json")
-    if variant.method not in TUNER_METHODS or variant.init_from or not os.path.isfile(config_file):
+    if variant.init_from or not os.path.isfile(config_file):
         return []  # a start from a prefix takes m and the feature map from the conversion
     with open(config_file) as handle:
         saved = json.load(handle)
-    current = methods.method_config(variant.method, result.get("task"), parse_options(variant.config))
-    own = {f.name for f in dataclasses.fields(current)} - {f.name for f in dataclasses.fields(AdapterConfig)}
-    now = json.loads(json.dumps({name: getattr(current, name) for name in own}))  # as a file reads back
-    return [f"{name} {saved[name]!r} (asked: {now[name]!r})"
-            for name in sorted(own) if name in saved and saved[name] != now[name]]
+    now = methods.method_fields(methods.method_config(variant.method, result.get("task"), parse_options(variant.config)))
+    return [f"{name} {saved[name]!r} (asked: {value!r})"
+            for name, value in sorted(now.items()) if name in saved and saved[name] != value]
 
 
 def selection_metric(result: dict) -> str:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..tuners import METHODS as TUNER_METHODS
+from ..tuners.config import AdapterConfig
 from ..tuners.ntk.config import fold_feature_options
 
 
@@ -125,6 +127,17 @@ def method_config(name: str, task: str, options: dict):
             raise ValueError("method 'head' trains a classification head; it needs a classification task")
         return None
     return method.make_config(task, options)
+
+
+def method_fields(config) -> dict:
+    """What a tuner method's config sets beyond the fields every adapter has (``k_init``,
+    ``feature_map``, ...), as a JSON file reads them back; {} for the other methods. Two runs with the
+    same ``--config`` options but other defaults differ here."""
+    if not isinstance(config, AdapterConfig):
+        return {}
+    shared = {f.name for f in dataclasses.fields(AdapterConfig)}
+    own = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in shared}
+    return json.loads(json.dumps(own))
 
 
 def build_method_model(base: torch.nn.Module, name: str, config, head_modules: list[str],

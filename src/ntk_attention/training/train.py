@@ -93,7 +93,8 @@ def prepare(args) -> dict:
     learning_rates = args.lr or [methods.get_method(args.method).default_learning_rate]
     train_table, validation_table = D.split_validation(table, args.validation, args.train_size, args.split_seed)
     settings = {  # what makes the trained result; --resume refuses when any of it changed
-        "method": args.method, "config": options, "init_from": args.init_from, "learning_rates": learning_rates,
+        "method": args.method, "config": options, "method_fields": methods.method_fields(method_config),
+        "init_from": args.init_from, "learning_rates": learning_rates,
         "model": model, "gguf_file": args.gguf_file, "task": task, "num_labels": num_labels, "data": train_source,
         "columns": vars(columns), "max_length": args.max_length, "train_size": args.train_size,
         "validation": args.validation, "split_seed": args.split_seed, "epochs": args.epochs,
