@@ -86,8 +86,7 @@ def measure(p: torch.Tensor) -> dict:
     spread = 0.5 * (p - mean).abs().sum(-1)  # [N, H]
     entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
     effective = entropy.exp() / p.shape[-1]
-    return {"spread": spread.mean().item(), "effective": effective.mean().item(),
-            "spread_per_head_min": spread.mean(0).min().item(), "spread_per_head_max": spread.mean(0).max().item()}
+    return {"spread": spread.mean().item(), "effective": effective.mean().item()}
 
 
 def main() -> None:
