@@ -157,6 +157,8 @@ class AdapterConfig(PeftConfig):
     from_file: ClassVar[bool] = False  # set on instances read by from_pretrained
     default_learning_rate: ClassVar[float]
     learning_rate_grid: ClassVar[tuple[float, ...]]
+    # Fields whose default changed, with the old value: a saved file must state them.
+    changed_defaults: ClassVar[dict[str, str]] = {}
 
     target_modules: list[str] | str | None = None
     layers_to_transform: list[int] | int | None = None
@@ -280,6 +282,11 @@ def check_folder(folder: Path, cls: type[AdapterConfig]) -> None:
     if unknown:
         raise ValueError(f"{source}: unknown fields {unknown} for {cls.__name__}")
     check_version(data.get("library_version"), source)
+    missing = sorted(set(cls.changed_defaults) - set(data))
+    if missing:
+        raise ValueError(f"{source} records no {', '.join(missing)}, whose default has changed ("
+                         + "; ".join(cls.changed_defaults[name] for name in missing) + "); add the field with the "
+                         "value the adapter was trained with")
     weights = weights_file(folder)
     if weights is None:
         raise FileNotFoundError(f"{folder}: no {SAFETENSORS_WEIGHTS_NAME} beside {CONFIG_NAME}")

@@ -36,7 +36,8 @@ def legacy_config(data: dict, source: str):
                          "per model, so this folder cannot be loaded")
     cls = METHODS[method].config_class
     if method == "ntk":
-        if data.get("feature_map", "elu") != "random" and data.get("feature_seed") == 0:
+        data.setdefault("feature_map", "elu")  # the default when these files were written
+        if data["feature_map"] != "random" and data.get("feature_seed") == 0:
             del data["feature_seed"]  # written for every map, used by "random" only
         if data.get("feature_map") == "random" and data.get("num_features") is None:
             data["num_features"] = 256  # the default then; "random" alone is r = head dim now
