@@ -21,7 +21,7 @@ def test_registry_defaults_come_from_the_config_classes():
         assert method.learning_rate_grid == tuple(config_class.learning_rate_grid)
         assert method.takes_config
     assert {name: (m.default_learning_rate, m.learning_rate_grid) for name, m in methods.REGISTRY.items()} == {
-        "ntk": (1e-3, (3e-4, 1e-3, 3e-3)), "prefix": (3e-2, (3e-3, 1e-2, 3e-2)), "lora": (1e-3, (3e-4, 1e-3, 3e-3)),
+        "ntk": (3e-3, (1e-3, 3e-3, 1e-2)), "prefix": (3e-2, (3e-3, 1e-2, 3e-2)), "lora": (1e-3, (3e-4, 1e-3, 3e-3)),
         "full": (5e-5, (2e-5, 5e-5, 1e-4)), "head": (1e-2, (3e-3, 1e-2, 3e-2))}
     assert not methods.get_method("full").takes_config and default_grid("lora") == [3e-4, 1e-3, 3e-3]
 

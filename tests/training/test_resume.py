@@ -120,6 +120,9 @@ def test_resume_with_a_widened_grid_trains_only_the_new_rate(tmp_path, capsys, m
     grid = {run["learning_rate"]: run["validation"] for run in json.loads(result.read_text())["grid"]}
     old = json.loads((uninterrupted / "result.json").read_text())["grid"][0]
     assert set(grid) == {3e-2, 1e-3} and grid[3e-2] == pytest.approx(old["validation"])
+    # the complete rate reports the seconds it took to train, not the resume's (~0 s, as before)
+    seconds = {run["learning_rate"]: run["train_seconds"] for run in json.loads(result.read_text())["grid"]}
+    assert seconds[3e-2] > 0.5 * old["train_seconds"] > 0
 
 
 def test_a_fresh_start_does_not_leave_an_earlier_runs_checkpoints_to_resume_from(tmp_path, tiny_bert, sst_files, uninterrupted):
@@ -177,7 +180,7 @@ def test_resume_refuses_a_run_made_under_another_default(tmp_path, monkeypatch, 
     shutil.copytree(uninterrupted, out)
     settings_file = out / C.SETTINGS_FILE
     recorded = json.loads(settings_file.read_text())
-    assert recorded["method_fields"]["feature_map"] == "elu"
+    assert recorded["method_fields"]["feature_map"] == "random:seed=0"
     settings_file.write_text(json.dumps({**recorded, "method_fields": {**recorded["method_fields"], "feature_map": "taylor:degree=2"}}))
     monkeypatch.setattr(M, "load_tokenizer", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ValueError, match=r"method_fields .*'taylor:degree=2'"):

@@ -101,6 +101,51 @@ def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data)
         cli.main(argv + ["--only", "nope"])
 
 
+def test_results_outlive_the_work_dir_and_only_updates_rows(tmp_path, tiny_bert, pair_data):
+    """The work dir is a cache (a new machine has none): rows of the earlier result that are today's
+    variants are kept without training; a row whose grid or resolved defaults changed is not."""
+    body = PAIR_SUITE.replace('"ntk-m4=ntk:virtual_prefix_length=4", ', "").replace("seeds = [0, 1]", "seeds = [0]")
+    suite = write_suite(tmp_path / "rte.toml", tiny_bert, body)
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["compare", "--suite", suite, "--data-root", str(pair_data), "--out-dir", str(out), "--work-dir", str(work),
+            "--jobs", "1", "--threads", "1"]
+    assert cli.main(argv) == 0
+    first = json.loads((out / "tiny-rte.json").read_text())
+    assert first["methods"]["ntk"]["method_fields"]["feature_map"] == "random:seed=0"
+    assert first["methods"]["ntk"]["measured_by"]["command"] == first["command"]
+    import shutil
+
+    shutil.rmtree(work)
+    # every row kept: nothing trains, the numbers are the earlier ones, and --only drops no row
+    assert cli.main(argv + ["--only", "lora"]) == 0
+    again = json.loads((out / "tiny-rte.json").read_text())
+    assert again["methods"] == first["methods"] and not (work / "tiny-rte" / "lora").exists()
+    assert "Kept from an earlier call" in (out / "tiny-rte.md").read_text()
+    # a row made under another default (elu, before 0.2.0) is not today's ntk: it runs again
+    stale = json.loads((out / "tiny-rte.json").read_text())
+    stale["methods"]["ntk"]["method_fields"]["feature_map"] = "elu"
+    (out / "tiny-rte.json").write_text(json.dumps(stale))
+    assert cli.main(argv + ["--only", "ntk"]) == 0
+    assert (work / "tiny-rte" / "ntk" / "seed0" / "result.json").is_file()
+    rerun = json.loads((out / "tiny-rte.json").read_text())["methods"]
+    assert rerun["ntk"]["method_fields"]["feature_map"] == "random:seed=0" and rerun["lora"] == first["methods"]["lora"]
+    # a changed grid drops a row this call does not run (and names it) instead of reporting it as today's
+    (tmp_path / "rte.toml").write_text((tmp_path / "rte.toml").read_text().replace("lora = [1e-3]", "lora = [3e-3]"))
+    assert cli.main(argv + ["--only", "head"]) == 0
+    assert set(json.loads((out / "tiny-rte.json").read_text())["methods"]) == {"head", "ntk"}
+
+
+def test_an_unreadable_earlier_result_is_refused_not_overwritten(tmp_path, tiny_bert, pair_data):
+    suite = write_suite(tmp_path / "rte.toml", tiny_bert, PAIR_SUITE)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "tiny-rte.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tiny-rte.json cannot be read as an earlier result"):
+        cli.main(["compare", "--suite", suite, "--data-root", str(pair_data), "--out-dir", str(out),
+                  "--work-dir", str(tmp_path / "work"), "--only", "head"])
+    assert (out / "tiny-rte.json").read_text() == "{not json"
+
+
 def test_language_modelling_suite_reports_perplexity(tmp_path, tiny_llama):
     root = tmp_path / "data"
     root.mkdir()

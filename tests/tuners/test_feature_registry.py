@@ -97,3 +97,23 @@ def test_random_without_a_count_has_as_many_features_as_the_head_and_legacy_file
     torch.testing.assert_close(fmap(x, 0.25), get_feature_map("random:num_features=16")(x, 0.25), rtol=0, atol=0)
     old = {"method": "ntk", "library_version": "0.1.0", "feature_map": "random", "num_features": None, "feature_seed": 0}
     assert legacy_config(old, "old/adapter_config.json").feature_map == "random:num_features=256:seed=0"
+
+
+def test_the_default_is_random_features_and_files_without_the_field_are_not_guessed(tmp_path):
+    """0.2.0 changed the default map from elu: a file that states no map would otherwise load as the
+    new one and give other outputs with the same weights."""
+    from ntk_attention.tuners.legacy import legacy_config
+    from ntk_attention.tuners.ntk.config import fold_feature_options
+
+    assert NTKConfig().feature_map == "random:seed=0"
+    assert fold_feature_options({"num_features": 16}) == {"feature_map": "random:num_features=16:seed=0"}  # a count alone
+    old = {"method": "ntk", "library_version": "0.1.0"}  # before the PEFT route elu was the default
+    assert legacy_config(old, "old/adapter_config.json").feature_map == "elu"
+    model = build("llama-gqa")
+    get_peft_model(model, NTKConfig(feature_map="elu")).save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    del data["feature_map"]
+    config_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"records no feature_map, whose default has changed \('elu' before 0.2.0"):
+        PeftModel.from_pretrained(build("llama-gqa"), tmp_path)

@@ -21,9 +21,11 @@ import os
 import re
 import shutil
 import sys
+import time
 import zipfile
 
 from safetensors import safe_open
+from transformers import TrainerCallback
 
 from ..io import write_json
 
@@ -34,6 +36,7 @@ WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")  # PEFT / ours
 SHARD_INDEX = "model.safetensors.index.json"
 STATE_FILES = ("optimizer.pt", "scheduler.pt")  # torch.save zip archives, as are rng_state*.pth (one per process)
 STAGING_PREFIXES = (".saving-", ".replaced-")  # what a killed save_trained leaves beside the adapter
+SECONDS_FILE = "ntk_attn_train_seconds.json"  # in each checkpoint: the training seconds it took to reach it
 
 
 def say(message: str) -> None:
@@ -150,3 +153,34 @@ def remove_save_leftovers(output_dir: str) -> None:
     for prefix in STAGING_PREFIXES:
         for folder in glob.glob(os.path.join(output_dir, prefix + "*")):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+class TrainSeconds(TrainerCallback):
+    """The training seconds of one learning rate across resumes. Each checkpoint records the seconds
+    spent to reach it, and a run resumed from it counts on from there, so a rate resumed complete
+    reports the time it took rather than the resume's ~0 s (checkpoints from before this file count 0)."""
+
+    def __init__(self, checkpoint: str | None):
+        self.before = checkpoint_seconds(checkpoint)
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            write_json(os.path.join(folder, SECONDS_FILE), {"train_seconds": self.seconds})
+
+
+def checkpoint_seconds(checkpoint: str | None) -> float:
+    """The training seconds recorded in ``checkpoint`` (0 without a checkpoint or the file)."""
+    path = os.path.join(checkpoint or "", SECONDS_FILE)
+    if checkpoint is None or not os.path.isfile(path):
+        return 0.0
+    try:
+        with open(path) as handle:
+            return float(json.load(handle)["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not readable ({error}); delete it to count this checkpoint's time as 0") from None

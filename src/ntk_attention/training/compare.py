@@ -228,7 +228,7 @@ def score_base(args, variant: Variant) -> dict:
     result = run_once(command, folder)
     scores = {f"dev_{name}{suffix}": value for name in SCORE_NAMES if name in result
               for suffix, value in (("", result[name]), ("_std", 0.0), ("_per_seed", [result[name]]))}
-    return {"method": BASE, "config": {}, "init_from": None, "learning_rate": None, **scores, "seeds": [],
+    return {"method": BASE, "config": {}, "method_fields": {}, "init_from": None, "learning_rate": None, **scores, "seeds": [],
             "validation_grid": {}, "generated": result.get("generated"),
             "trainable_params": 0, "trainable_params_excl_head": 0, "train_seconds": 0.0,
             "peak_rss_mb": result["peak_rss_mb"], "device": result["device"], "adapter": None}
@@ -274,9 +274,16 @@ def _changed_defaults(result: dict, variant: Variant) -> list[str]:
         return []  # a start from a prefix takes m and the feature map from the conversion
     with open(config_file) as handle:
         saved = json.load(handle)
-    now = methods.method_fields(methods.method_config(variant.method, result.get("task"), parse_options(variant.config)))
+    now = variant_fields(variant, result.get("task"))
     return [f"{name} {saved[name]!r} (asked: {value!r})"
             for name, value in sorted(now.items()) if name in saved and saved[name] != value]
+
+
+def variant_fields(variant: Variant, task: str | None) -> dict:
+    """The tuner fields ``variant`` resolves to today, defaults included ({} for LoRA, full, head, base)."""
+    if variant.method == BASE:
+        return {}
+    return methods.method_fields(methods.method_config(variant.method, task, parse_options(variant.config)))
 
 
 def selection_metric(result: dict) -> str:
@@ -288,7 +295,8 @@ def summarize(variant: Variant, results: list[dict]) -> dict:
     first = results[0]
     split = "eval" if "eval" in first["after"] else "validation"
     selection = selection_metric(first)
-    summary = {"method": variant.method, "config": parse_options(variant.config), "init_from": variant.init_from,
+    summary = {"method": variant.method, "config": parse_options(variant.config),
+               "method_fields": variant_fields(variant, first["task"]), "init_from": variant.init_from,
                "learning_rate": first["learning_rate"], "selection_metric": selection}
     for name in SCORE_NAMES:  # dev_<score>, its std (n-1) and per-seed values, for every score the runs report
         if all(name in r["after"][split] for r in results):
@@ -361,6 +369,8 @@ def apply_suite(args) -> dict | None:
         raise ValueError(f"--only {unknown}: not variants of {args.suite} (it has {sorted(labels)})")
     args.name, args.task = suite.name, suite.task
     args.metric = "mcc" if suite.metric == "mcc" else None  # else train's default: accuracy, or the loss
+    args.suite_variants = suite.variants
+    args.suite_lr_grid = [f"{key}={','.join(f'{x:g}' for x in rates)}" for key, rates in suite.lr_grid.items()]
     chosen = [labels[label] for label in args.only] if args.only else suite.variants
     args.variants = [first_seed_only(spec, suite.main_variants) for spec in chosen]
     args.lr_grid = [f"{key}={','.join(f'{x:g}' for x in rates)}" for key, rates in suite.lr_grid.items()
@@ -407,21 +417,96 @@ def run(args) -> int:
                            "dev mean/std over seeds at that rate; std is the sample std (n-1)"}
     if suite:
         record["suite"] = suite
+    earlier, earlier_best = earlier_record(args, record, {v.label for v in variants}) if suite else ({}, None)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {}
         for v in variants:
-            futures[v.label] = pool.submit(run_variant, args, v, grid[v.label], futures)
-        record["methods"] = {label: future.result() for label, future in futures.items()}
+            if v.label in earlier:
+                futures[v.label] = pool.submit(dict, earlier[v.label])
+            else:
+                futures[v.label] = pool.submit(run_variant, args, v, grid[v.label], futures)
+        measured_by = {"command": record["command"], "machine": record["machine"]}
+        ran = {label: {**future.result(), "measured_by": measured_by} for label, future in futures.items()
+               if label not in earlier}
+    order = [parse_variant(spec).label for spec in args.suite_variants] if suite else list(futures)
+    record["methods"] = {label: ran.get(label) or earlier[label] for label in order if label in ran or label in earlier}
     record["metric"], record["higher_is_better"] = reported_metric(record)
     record["wall_seconds"] = time.perf_counter() - start
     record["machine"]["load_average_at_end"] = os.getloadavg()
-    write_results(args.out_dir, args.name, record, variants, args.ntk_adapter_max_params)
+    write_results(args.out_dir, args.name, record, args.ntk_adapter_max_params, earlier_best)
     if suite:
         from .suite import write_summary
 
         write_summary(args.out_dir)
     return 0
+
+
+# Budget entries that name where things are on one machine, or only change the speed.
+LOCAL_BUDGET_KEYS = ("data", "eval_data", "model", "threads")
+
+
+def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dict], str | None]:
+    """Rows of ``<out-dir>/<name>.json`` (an earlier call) that stand for variants of the suite as it is
+    now: the same suite, data, model and budget, and per row the same method, resolved fields, start,
+    learning-rate grid and seeds. They are kept without training, so results outlive the work dir and
+    ``--only`` updates rows instead of dropping the others. Rows that no longer match are dropped (and
+    named). Rows of variants this call does not run (``running``) are kept at the seeds they had.
+    Also the earlier best NTK variant when its row is kept (its adapter copy is then still valid)."""
+    path = os.path.join(args.out_dir, f"{args.name}.json")
+    if not os.path.exists(path):
+        return {}, None
+    try:
+        with open(path) as handle:
+            old = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as an earlier result ({err}); move it away or choose another --out-dir") from None
+    if not isinstance(old, dict) or not isinstance(old.get("methods"), dict):
+        raise ValueError(f"{path} is not a compare result (no 'methods'); move it away or choose another --out-dir")
+    suite_now, suite_then = record["suite"], old.get("suite") or {}
+    differ = [f"{key} {suite_then.get(key)!r} (now {suite_now[key]!r})"
+              for key in ("name", "task", "metric", "model", "data_sha256") if suite_then.get(key) != suite_now[key]]
+    budget_now, budget_then = ({k: v for k, v in b.items() if k not in LOCAL_BUDGET_KEYS}
+                               for b in (record["budget"], old.get("budget") or {}))
+    if budget_then != budget_now:
+        differ.append(f"budget {budget_then} (now {budget_now})")
+    if differ:
+        print(f"{path}: no row kept, another setting: " + ", ".join(differ), flush=True)
+        return {}, None
+    specs = [first_seed_only(spec, suite_now["main_variants"]) for spec in args.suite_variants]
+    suite_variants = {v.label: v for v in map(parse_variant, specs)}
+    grid = parse_grid(args.suite_lr_grid, list(suite_variants.values()))
+    kept = {}
+    for label, row in old["methods"].items():
+        variant = suite_variants.get(label)
+        why = ("no longer a variant of the suite" if variant is None else
+               row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=label in running))
+        if why:
+            print(f"{path}: row {label!r} dropped: {why}", flush=True)
+        else:
+            kept[label] = row
+    best = old.get("best_ntk_variant")
+    return kept, best if best in kept else None
+
+
+def row_differs(row: dict, variant: Variant, rates: list[float], seeds: list[int], task: str,
+                check_seeds: bool = True) -> str | None:
+    """Why an earlier result row is not ``variant`` as it runs now (None: it is). Without ``check_seeds``
+    a row measured at other seeds still stands (for variants this call does not run)."""
+    expected_seeds = [] if variant.method == BASE else seeds[:variant.seeds or len(seeds)]
+    expected = {"method": variant.method, "init_from": variant.init_from, "seeds": expected_seeds,
+                "learning rates": sorted(rates)}
+    found = {"method": row.get("method"), "init_from": row.get("init_from"), "seeds": row.get("seeds"),
+             "learning rates": sorted(float(rate) for rate in row.get("validation_grid") or {})}
+    if not check_seeds:
+        del expected["seeds"], found["seeds"]
+    fields = variant_fields(variant, task)
+    if fields:  # a tuner: what it resolves to (defaults included) decides; the options typed may differ
+        expected["fields"], found["fields"] = fields, row.get("method_fields")
+    else:
+        expected["config"], found["config"] = parse_options(variant.config), row.get("config")
+    differ = [f"{key} {found[key]!r} (now {expected[key]!r})" for key in expected if found[key] != expected[key]]
+    return ", ".join(differ) or None
 
 
 def reported_metric(record: dict) -> tuple[str, bool]:
@@ -432,21 +517,30 @@ def reported_metric(record: dict) -> tuple[str, bool]:
     return ("accuracy", True) if any("dev_accuracy" in m for m in methods) else ("loss", False)
 
 
-def write_results(out_dir: str, name: str, record: dict, variants: list[Variant], max_params: int | None = None) -> None:
-    ntk = [v.label for v in variants if v.method == "ntk"
-           and (max_params is None or record["methods"][v.label]["trainable_params_excl_head"] <= max_params)]
+def write_results(out_dir: str, name: str, record: dict, max_params: int | None = None,
+                  earlier_best: str | None = None) -> None:
+    """The JSON, Markdown and plots, and a copy of the best NTK variant's adapter (``earlier_best``: the
+    variant whose copy an earlier call left in place, from a row kept without its run folder)."""
+    rows = record["methods"]
+    ntk = [label for label, row in rows.items() if row["method"] == "ntk"
+           and (max_params is None or row["trainable_params_excl_head"] <= max_params)]
     target = os.path.join(out_dir, name, "ntk")
-    best = max(ntk, key=lambda label: validation_score(record["methods"][label])) if ntk else None
-    source = record["methods"][best]["adapter"] if best else None
+    best = max(ntk, key=lambda label: validation_score(rows[label])) if ntk else None
+    source = rows[best]["adapter"] if best else None
+    if best and not os.path.isdir(source or "") and (best == earlier_best or not os.path.exists(target)):
+        # a row kept from an earlier result whose run folder is gone: its copy, if any, is already there
+        if not os.path.exists(target):
+            print(f"the best NTK variant {best!r} has no adapter left at {source} to copy to {target}", flush=True)
+        source = None
     # Checked before anything is written, so the JSON never names an adapter the folder does not hold.
-    if os.path.exists(target) and (source is None or not same_files(source, target)):
+    elif os.path.exists(target) and (source is None or not os.path.isdir(source) or not same_files(source, target)):
         raise ValueError(f"{target} holds an adapter that is not this comparison's best NTK variant "
                          f"({best or 'none qualifies'}); compare does not delete what it did not write in this "
                          "call: move it away or choose another --out-dir / --name")
     os.makedirs(out_dir, exist_ok=True)
     if best:
         record["best_ntk_variant"] = best
-        if not os.path.exists(target):
+        if source and not os.path.exists(target):
             copy_folder(source, target)
     write_json(os.path.join(out_dir, f"{name}.json"), record)
     table = markdown_table(record)
@@ -502,6 +596,16 @@ def markdown_table(record: dict) -> str:
     note = record["machine"].get("note") or record["machine"].get("gpu") or record["machine"]["processor"]
     lines += ["", f"dev {metric}: {'higher' if higher else 'lower'} is better. "
               f"Machine: {note}; {record['machine']['cpu_count']} CPUs; torch {record['machine']['torch']}."]
+    earlier = {}  # rows kept from earlier calls, by the command that measured them
+    for label, m in methods.items():
+        command = (m.get("measured_by") or {}).get("command")
+        if command and command != record["command"]:
+            earlier.setdefault(command, []).append(label)
+    for command, labels in earlier.items():
+        lines += ["", f"Kept from an earlier call (same settings, not rerun): {', '.join(labels)}, measured by `{command}`."]
+    renamed = [f"{label} (was {m['renamed_from']['label']})" for label, m in methods.items() if m.get("renamed_from")]
+    if renamed:
+        lines += ["", f"Measured under another label, the same run as today's: {', '.join(renamed)} (`renamed_from` in the JSON)."]
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import os
-import time
 
 import datasets
 import torch
@@ -163,9 +162,10 @@ def train(args) -> dict:
         if args.resume:
             C.say(f"resuming from {checkpoint}" if checkpoint else f"no complete checkpoint in {settings.output_dir}: "
                   f"learning rate {learning_rate:g} starts from the beginning")
-        start = time.perf_counter()
+        timer = C.TrainSeconds(checkpoint)
+        trainer.add_callback(timer)
         trainer.train(resume_from_checkpoint=checkpoint)
-        seconds = time.perf_counter() - start
+        seconds = timer.seconds
         validation = _best_validation(trainer) or score(trainer, encoded["validation"])
         entry = {"learning_rate": learning_rate, "validation": validation, "train_seconds": seconds,
                  "best_epoch": _best_epoch(trainer)}
