@@ -14,7 +14,8 @@ conversion of the same seed's adapter of the prefix variant ``p16`` (listed earl
 With ``--suite FILE`` the task, data, model, budget, variants, grids and seeds come from a suite file
 (``benchmarks/suites/*.toml``, read by ``suite.py``); only where the runs go, how many run at a time,
 ``--seeds`` and ``--only LABEL ...`` may be set beside it. ``<out-dir>/suite.json`` then sums up
-every suite result in ``<out-dir>``.
+every suite result in ``<out-dir>``. Rows of an earlier ``<out-dir>/<name>.json`` that are still the
+suite's variants are kept without their run folders (``earlier_record``).
 
 Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``
 (``--out-dir`` defaults to ``runs/results``, never the repository); the adapter of the best NTK
