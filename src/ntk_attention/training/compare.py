@@ -423,7 +423,7 @@ def run(args) -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {}
         for v in variants:
-            if v.label in earlier:
+            if v.label in earlier:  # a kept row is done at once (a variant started from it waits on it)
                 futures[v.label] = pool.submit(dict, earlier[v.label])
             else:
                 futures[v.label] = pool.submit(run_variant, args, v, grid[v.label], futures)
