@@ -14,7 +14,7 @@ features, ``W`` the values of the r virtual tokens, ``k >= 0`` their masses, bot
     random          absolute with positive random features, r = d (``feature_map="random"``) instead of elu
     random-m128     the same with m = 128
 
-"absolute" is NTKConfig() since the default changed (k_init = 0): the prefix mass phi^T k is added
+"absolute" is NTKConfig() of 0.1 (elu, k_init = 0; "random" is the 0.2.0 default): the prefix mass phi^T k is added
 to the row's own mass sum e^s. The "relative" rows of benchmarks/results/ntk_default_form.md
 (out = (softmax(s) V + phi^T diag(k) W) / (1 + phi^T k), m = 1 and 4) were measured with this script
 at commit 410295f, where NTKConfig(mass="relative") existed; the form was retired (docs/default.md).
