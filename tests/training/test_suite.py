@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -63,11 +64,17 @@ max_length = 32
 """
 
 
-def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data):
-    suite = write_suite(tmp_path / "rte.toml", tiny_bert, PAIR_SUITE)
+def suite_argv(tmp_path, model, data_root, body: str = PAIR_SUITE, jobs: int = 2):
+    """``compare --suite`` on a suite file written from ``body``, with its results and work folders."""
+    suite = write_suite(tmp_path / "rte.toml", model, body)
     out, work = tmp_path / "results", tmp_path / "work"
-    argv = ["compare", "--suite", suite, "--data-root", str(pair_data), "--out-dir", str(out), "--work-dir", str(work),
-            "--jobs", "2", "--threads", "1"]
+    argv = ["compare", "--suite", suite, "--data-root", str(data_root), "--out-dir", str(out), "--work-dir", str(work),
+            "--jobs", str(jobs), "--threads", "1"]
+    return argv, out, work
+
+
+def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data):
+    argv, out, work = suite_argv(tmp_path, tiny_bert, pair_data)
     assert cli.main(argv) == 0
     record = json.loads((out / "tiny-rte.json").read_text())
     assert record["suite"]["metric"] == "accuracy" and record["metric"] == "accuracy"
@@ -105,16 +112,11 @@ def test_results_outlive_the_work_dir_and_only_updates_rows(tmp_path, tiny_bert,
     """The work dir is a cache (a new machine has none): rows of the earlier result that are today's
     variants are kept without training; a row whose grid or resolved defaults changed is not."""
     body = PAIR_SUITE.replace('"ntk-m4=ntk:virtual_prefix_length=4", ', "").replace("seeds = [0, 1]", "seeds = [0]")
-    suite = write_suite(tmp_path / "rte.toml", tiny_bert, body)
-    out, work = tmp_path / "results", tmp_path / "work"
-    argv = ["compare", "--suite", suite, "--data-root", str(pair_data), "--out-dir", str(out), "--work-dir", str(work),
-            "--jobs", "1", "--threads", "1"]
+    argv, out, work = suite_argv(tmp_path, tiny_bert, pair_data, body, jobs=1)
     assert cli.main(argv) == 0
     first = json.loads((out / "tiny-rte.json").read_text())
     assert first["methods"]["ntk"]["method_fields"]["feature_map"] == "random:seed=0"
     assert first["methods"]["ntk"]["measured_by"]["command"] == first["command"]
-    import shutil
-
     shutil.rmtree(work)
     # every row kept: nothing trains, the numbers are the earlier ones, and --only drops no row
     assert cli.main(argv + ["--only", "lora"]) == 0
@@ -136,13 +138,11 @@ def test_results_outlive_the_work_dir_and_only_updates_rows(tmp_path, tiny_bert,
 
 
 def test_an_unreadable_earlier_result_is_refused_not_overwritten(tmp_path, tiny_bert, pair_data):
-    suite = write_suite(tmp_path / "rte.toml", tiny_bert, PAIR_SUITE)
-    out = tmp_path / "results"
+    argv, out, _ = suite_argv(tmp_path, tiny_bert, pair_data)
     out.mkdir()
     (out / "tiny-rte.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"tiny-rte.json cannot be read as an earlier result"):
-        cli.main(["compare", "--suite", suite, "--data-root", str(pair_data), "--out-dir", str(out),
-                  "--work-dir", str(tmp_path / "work"), "--only", "head"])
+        cli.main(argv + ["--only", "head"])
     assert (out / "tiny-rte.json").read_text() == "{not json"
 
 

@@ -53,6 +53,9 @@ VARIANT_METHODS = methods.NAMES + (BASE,)
 # every other train option is the suite file's
 BESIDE_SUITE = ("threads",)
 SCORE_NAMES = ("accuracy", "mcc", "perplexity", "exact_match", "loss")
+# Budget entries that name where things are on one machine, or only change the speed: an earlier
+# result measured under other values still stands.
+LOCAL_BUDGET_KEYS = ("data", "eval_data", "model", "threads")
 DEFAULT_VARIANTS = ["head", "ntk", "prefix-m16=prefix:num_virtual_tokens=16",
                     "prefix-m64=prefix:num_virtual_tokens=64", "lora", "full"]
 
@@ -370,7 +373,8 @@ def apply_suite(args) -> dict | None:
         raise ValueError(f"--only {unknown}: not variants of {args.suite} (it has {sorted(labels)})")
     args.name, args.task = suite.name, suite.task
     args.metric = "mcc" if suite.metric == "mcc" else None  # else train's default: accuracy, or the loss
-    args.suite_variants = suite.variants
+    # every variant of the suite as it runs (earlier_record checks the kept rows against them)
+    args.suite_variants = [first_seed_only(spec, suite.main_variants) for spec in suite.variants]
     args.suite_lr_grid = [f"{key}={','.join(f'{x:g}' for x in rates)}" for key, rates in suite.lr_grid.items()]
     chosen = [labels[label] for label in args.only] if args.only else suite.variants
     args.variants = [first_seed_only(spec, suite.main_variants) for spec in chosen]
@@ -443,10 +447,6 @@ def run(args) -> int:
     return 0
 
 
-# Budget entries that name where things are on one machine, or only change the speed.
-LOCAL_BUDGET_KEYS = ("data", "eval_data", "model", "threads")
-
-
 def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dict], str | None]:
     """Rows of ``<out-dir>/<name>.json`` (an earlier call) that stand for variants of the suite as it is
     now: the same suite, data, model and budget, and per row the same method, resolved fields, start,
@@ -474,8 +474,7 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
     if differ:
         print(f"{path}: no row kept, another setting: " + ", ".join(differ), flush=True)
         return {}, None
-    specs = [first_seed_only(spec, suite_now["main_variants"]) for spec in args.suite_variants]
-    suite_variants = {v.label: v for v in map(parse_variant, specs)}
+    suite_variants = {v.label: v for v in map(parse_variant, args.suite_variants)}
     grid = parse_grid(args.suite_lr_grid, list(suite_variants.values()))
     kept = {}
     for label, row in old["methods"].items():
@@ -528,13 +527,13 @@ def write_results(out_dir: str, name: str, record: dict, max_params: int | None 
     target = os.path.join(out_dir, name, "ntk")
     best = max(ntk, key=lambda label: validation_score(rows[label])) if ntk else None
     source = rows[best]["adapter"] if best else None
-    if best and not os.path.isdir(source or "") and (best == earlier_best or not os.path.exists(target)):
-        # a row kept from an earlier result whose run folder is gone: its copy, if any, is already there
-        if not os.path.exists(target):
-            print(f"the best NTK variant {best!r} has no adapter left at {source} to copy to {target}", flush=True)
+    kept_copy = best is not None and best == earlier_best  # the copy an earlier call made of this same row
+    if source and not os.path.isdir(source):  # a row kept from an earlier result whose run folder is gone
         source = None
+        if not os.path.exists(target):
+            print(f"the best NTK variant {best!r} has no adapter left to copy to {target}", flush=True)
     # Checked before anything is written, so the JSON never names an adapter the folder does not hold.
-    elif os.path.exists(target) and (source is None or not os.path.isdir(source) or not same_files(source, target)):
+    if os.path.exists(target) and not (kept_copy and source is None) and (source is None or not same_files(source, target)):
         raise ValueError(f"{target} holds an adapter that is not this comparison's best NTK variant "
                          f"({best or 'none qualifies'}); compare does not delete what it did not write in this "
                          "call: move it away or choose another --out-dir / --name")
