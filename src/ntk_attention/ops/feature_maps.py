@@ -196,19 +196,29 @@ class RandomFeatureMap(FeatureMap):
     is drawn from ``seed`` on the CPU, so the same (seed, r, D) gives the same map on every device
     and after save/load without storing it. ``num_features`` None: r = D, the head dimension (as many
     as ``elu``, so the same adapter size).
+
+    ``normalize=True`` keeps each query's weights across features and fixes their total:
+    ``phi(x) / sum_f phi_f(x) * sqrt(r)``, i.e. ``sqrt(r) * softmax_f(w_f.x)``. Plain positive
+    features are log-normal with variance ``|x|^2``: their sum has mean ``sqrt(r)`` but is tiny (and
+    carried by one feature) for a query of large norm; normalised, the mass is ``sqrt(r)`` (that mean)
+    for every query. It no longer estimates ``exp(scale * q.k)`` (``phi(q).phi(k)`` is then a
+    product of two softmaxes); it is a feature map for a learned ``(Z, k)``.
     """
 
     primary_option = "num_features"
 
-    def __init__(self, num_features: int | None = None, seed: int = 0):
+    def __init__(self, num_features: int | None = None, seed: int = 0, normalize: bool = False):
         if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)
                                          or num_features < 1):
             raise ValueError(f"RandomFeatureMap: num_features must be a positive int or None (r = head dim), "
                              f"got {num_features!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"RandomFeatureMap: seed must be an int, got {seed!r}")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"RandomFeatureMap: normalize must be true or false, got {normalize!r}")
         self.num_features = num_features
         self.seed = seed
+        self.normalize = normalize
         self._cache: dict = {}
 
     def feature_dim(self, head_dim: int) -> int:
@@ -225,11 +235,16 @@ class RandomFeatureMap(FeatureMap):
     def __call__(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         x = x.to(_compute_dtype(x)) * math.sqrt(scale)
         w = self.projection(x.shape[-1], x.device, x.dtype)
+        if self.normalize:  # exp(w.x - |x|^2/2) / sqrt(r), divided by its sum, times sqrt(r)
+            return torch.softmax(x @ w, dim=-1) * math.sqrt(w.shape[-1])
         log_phi = x @ w - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(w.shape[-1])
         return torch.exp(log_phi)
 
     def options(self) -> dict:
-        return {"seed": self.seed} if self.num_features is None else {"num_features": self.num_features, "seed": self.seed}
+        options = {"seed": self.seed} if self.num_features is None else {"num_features": self.num_features, "seed": self.seed}
+        if self.normalize:  # written only when set: the specs of plain random maps stay as they were
+            options["normalize"] = True
+        return options
 
 
 class CallableFeatureMap(FeatureMap):

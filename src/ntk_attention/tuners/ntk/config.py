@@ -11,11 +11,12 @@ from ..config import AdapterConfig, check_number
 K_PARAMETRIZATIONS = ("nonneg", "softplus", "signed")
 Z_PARAMETRIZATIONS = ("tied", "free")
 # Feature-map options as separate keywords (older files, ``--config num_features=64``) -> the map's option name.
-FEATURE_OPTION_KEYWORDS = {"num_features": "num_features", "degree": "degree", "seed": "seed", "feature_seed": "seed"}
+FEATURE_OPTION_KEYWORDS = {"num_features": "num_features", "degree": "degree", "seed": "seed", "feature_seed": "seed",
+                           "normalize": "normalize"}
 
 
 def fold_feature_options(options: dict) -> dict:
-    """``options`` with ``num_features`` / ``degree`` / ``feature_seed`` / ``seed`` folded into the
+    """``options`` with ``num_features`` / ``degree`` / ``feature_seed`` / ``seed`` / ``normalize`` folded into the
     ``feature_map`` spec (``{"feature_map": "random", "num_features": 64}`` -> ``"random:num_features=64:seed=0"``).
     None values (absent options in older files) are dropped."""
     options = dict(options)
