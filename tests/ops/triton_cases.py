@@ -27,6 +27,7 @@ from test_attention import assert_close, make_inputs, make_mask  # noqa: E402
 
 from ntk_attention import get_feature_map, ntk_attention  # noqa: E402
 from ntk_attention.ops import BackendRefused, select_backend  # noqa: E402
+from ntk_attention.ops.backends import TRITON  # noqa: E402
 from ntk_attention.ops.naive import ntk_attention_naive  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -53,11 +54,23 @@ def quiet_interpreter():
 
 
 def check(q, k, v, z, kvec, fmap, causal, mask, dtype):
-    out = ntk_attention(q, k, v, z, kvec, feature_map=fmap, causal=causal, attn_mask=mask, backend="triton")
+    def call():
+        return ntk_attention(q, k, v, z, kvec, feature_map=fmap, causal=causal, attn_mask=mask, backend="triton")
+
+    forward_only = dtype != torch.float32 and q.shape[-1] > TRITON.verified_half_grad_head_dim
+    if forward_only:  # refused with gradients (backends.Triton says why); the forward is checked
+        with pytest.raises(BackendRefused, match="triton: gradients in"):
+            call()
+        with torch.no_grad():
+            out = call()
+    else:
+        out = call()
     inputs = [t.detach().float().requires_grad_() if t.dtype != torch.float32 else t for t in (q, k, v, z, kvec)]
     ref = ntk_attention_naive(*inputs, fmap, causal, mask)
     assert out.shape == ref.shape and out.dtype == dtype
     assert_close(out.float(), ref, dtype, "output")
+    if forward_only:
+        return
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(ref.device)
     grads = torch.autograd.grad(out, (q, k, v, z, kvec), g.to(dtype))
     ref_grads = torch.autograd.grad(ref, inputs, g)
@@ -145,5 +158,23 @@ def test_triton_refusals_say_why():
         select_backend(q.float(), k.float(), backend="triton", op="prefix")
     with pytest.raises(BackendRefused, match="triton: an empty batch or sequence"):
         select_backend(q.float()[:, :, :0], k.float(), backend="triton")
-    # Chosen by "auto" on CUDA only; the interpreter is for tests.
-    assert select_backend(q.float(), k.float()).name == ("triton" if CUDA else "fused-cpu")
+    half = torch.randn(1, 2, 3, 128, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(BackendRefused, match="triton: gradients in torch.bfloat16 at head dim 128"):
+        select_backend(half, half, backend="triton", needs_grad=True)
+    assert select_backend(half, half, backend="triton").name == "triton"  # the forward alone is exact
+    # Never chosen by "auto": slower than the merged-state path in bfloat16 on an H200.
+    assert select_backend(q.float(), k.float()).name != "triton"
+
+
+
+if CUDA:  # full-size tiles: compiled on a GPU only (the interpreter is too slow for them)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("D", [64, 128])
+    @pytest.mark.parametrize("L,S,causal", [(300, 300, True), (129, 515, True), (257, 200, False)])
+    def test_triton_full_size_tiles(dtype, D, L, S, causal):
+        """Lengths past several of the GPU's 64/128-row tiles and off their multiples, GQA 4:2."""
+        fmap = get_feature_map("elu")
+        q, k, v, z, kvec = make_inputs(2, 4, 2, L, S, D, D, fmap, dtype, DEVICE, z_scale=0.05)
+        mask = make_mask("padding", 2, 4, L, S, DEVICE) if not causal else None
+        check(q, k, v, z, kvec, fmap, causal, mask, dtype)

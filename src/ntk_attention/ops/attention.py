@@ -75,8 +75,7 @@ def ntk_attention(
     kvec ``[H,r]`` with ``r = feature_map.feature_dim(D)`` (or ``[H_kv,...]``: one state per key/value
     head, shared by its query heads like a GQA prefix); returns ``[B,H,L,D_v]`` in q's dtype.
     ``dropout_p`` drops softmax weights over the input (not the NTK term). ``backend``: ``"auto"``
-    (default: the Triton kernel on CUDA where it takes the inputs, else a PyTorch fused kernel, else
-    the chunked path), or one of ``ops.backends.BACKEND_NAMES``; a named backend that cannot take
+    (default: a PyTorch fused kernel, else the chunked path; a generation step on CPU: ``"decode"``), or one of ``ops.backends.BACKEND_NAMES``; a named backend that cannot take
     the inputs raises ``BackendRefused`` saying why. Memory is O(L): no L x S matrix is built, except
     the causal mask handed to a torch fused kernel when L != S (decoding over a cache) or an
     ``attn_mask`` that is already one.

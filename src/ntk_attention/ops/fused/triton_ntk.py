@@ -31,6 +31,13 @@ import triton.language as tl
 from ..utils import max_exponent, repeat_kv
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+# How float32 dot products run: "tf32x3" keeps float32's accuracy (~1e-6) on tensor cores (IEEE FMA
+# loops were 40x slower than SDPA on an H200). The feature-map products (phi^T Z, once per tile) stay
+# "ieee": tf32x3 on their float32 [D, D_v] state needs more shared memory than a Hopper block has at D = 128.
+FLOAT32_PRECISION = "tf32x3"
+PHI_PRECISION = "ieee"
+# Launch configurations forced by benchmarks/triton_kernel.py --sweep: {"forward" | "dq" | "dkdv": {...}}.
+TILES_OVERRIDE: dict[str, dict] = {}
 
 
 @triton.jit
@@ -41,23 +48,69 @@ def _logaddexp(a, b):
 
 
 @triton.jit
-def _tile(base, rows, cols, s_row, s_col, n_rows, n_cols):
-    """The [len(rows), len(cols)] tile at base + rows * s_row + cols * s_col, 0 outside the bounds."""
-    return tl.load(base + rows[:, None] * s_row + cols[None, :] * s_col,
-                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+def _load(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A 2-D tile, 0 outside the bounds that are checked (unchecked loads are the fast ones)."""
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
 def _scores(q, k_t, mask_ptrs, offs_m, offs_n, L, S, scale,
-            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """Scaled scores [BLOCK_M, BLOCK_N] of a query tile against a key block, -inf where not visible."""
+            CHECKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Scaled scores [BLOCK_M, BLOCK_N] of a query tile against a key block. ``CHECKED``: the block
+    may hold keys past S or (causal) keys some rows must not see, set to -inf; unchecked blocks are
+    wholly visible to every row of the tile (the bulk of the work, without the compares)."""
     s = tl.dot(q, k_t, input_precision=PRECISION) * scale
-    visible = (offs_m[:, None] < L) & (offs_n[None, :] < S)
     if HAS_MASK:
-        s += tl.load(mask_ptrs, mask=visible, other=0.0).to(tl.float32)
+        s += tl.load(mask_ptrs, mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0.0).to(tl.float32)
+    if CHECKED:
+        visible = offs_n[None, :] < S
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (S - L))
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _key_ranges(m0, L, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query tile starting at row m0: key blocks [0, full) are visible to all of its rows,
+    [full, hi) need the checks. Causal is bottom-right aligned: row i sees keys j <= i + S - L."""
     if CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (S - L))
-    return tl.where(visible, s, float("-inf"))
+        hi = tl.minimum(S, m0 + BLOCK_M + S - L)
+        full = (tl.maximum(0, m0 + S - L + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = S
+        full = (S // BLOCK_N) * BLOCK_N
+    return full, hi
+
+
+@triton.jit
+def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, offs_m, offs_d, offs_dv, lo, hi,
+                    L, S, D, DV, skd, sks, svs, svd, sms, scale,
+                    CHECKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                    CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """FlashAttention's online softmax over the key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = _load(k_base + offs_d[:, None] * skd + offs_n[None, :] * sks, offs_d, offs_n, D, S, CHECK_D, CHECKED)
+        s = _scores(q, k_t, m_base + offs_n[None, :] * sms, offs_m, offs_n, L, S, scale, CHECKED, CAUSAL, HAS_MASK,
+                    PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load(v_base + offs_n[:, None] * svs + offs_dv[None, :] * svd, offs_n, offs_dv, S, DV, CHECKED, CHECK_DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -68,56 +121,51 @@ def _forward_kernel(
     smb, smh, sml, sms, sob, soh, sol, sod,
     H, G, GS, L, S, D, DV, scale, sqrt_scale, max_exp,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, ELU: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PHI_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
-    q = _tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, L, D)
+    q = _load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd, offs_m, offs_d, L, D, True, CHECK_D)
 
-    # The NTK statistics N [BLOCK_M, DV] and c [BLOCK_M], in float32.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_base = MASK + b * smb + h * smh + offs_m[:, None] * sml
+    full, hi = _key_ranges(m0, L, S, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _forward_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, offs_m, offs_d, offs_dv, 0, full,
+                                    L, S, D, DV, skd, sks, svs, svd, sms, scale,
+                                    False, CAUSAL, HAS_MASK, PRECISION, CHECK_D, CHECK_DV, BLOCK_N)
+    acc, l_i, m_i = _forward_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, offs_m, offs_d, offs_dv, full, hi,
+                                    L, S, D, DV, skd, sks, svs, svd, sms, scale,
+                                    True, CAUSAL, HAS_MASK, PRECISION, CHECK_D, CHECK_DV, BLOCK_N)
+
+    # The NTK statistics N [BLOCK_M, DV] and c [BLOCK_M], in float32: after the key loop, so that they
+    # hold no registers during it.
     if ELU:
         x = q.to(tl.float32) * sqrt_scale
         phi = tl.where(x > 0, x + 1.0, tl.exp(x))  # ELU(x) + 1; r = D, so offs_d indexes features
         phi = tl.where(offs_d[None, :] < D, phi, 0.0)
         hs = h // GS
-        z = _tile(Z + hs * szh, offs_d, offs_dv, szr, szd, D, DV)
-        num = tl.dot(phi, z, input_precision="ieee")
+        z = _load(Z + hs * szh + offs_d[:, None] * szr + offs_dv[None, :] * szd, offs_d, offs_dv, D, DV, CHECK_D, CHECK_DV)
+        num = tl.dot(phi, z, input_precision=PHI_PRECISION)
         kv = tl.load(KV + hs * skvh + offs_d * skvr, mask=offs_d < D, other=0.0)
         c = tl.sum(phi * kv[None, :], axis=1)
     else:
-        st = STATS + b * sstb + h * ssth + offs_m * sstl
-        num = _tile(STATS + b * sstb + h * ssth, offs_m, offs_dv, sstl, sstd, L, DV)
-        c = tl.load(st + DV * sstd, mask=row_ok, other=0.0)
+        st = STATS + b * sstb + h * ssth
+        num = _load(st + offs_m[:, None] * sstl + offs_dv[None, :] * sstd, offs_m, offs_dv, L, DV, True, CHECK_DV)
+        c = tl.load(st + offs_m * sstl + DV * sstd, mask=row_ok, other=0.0)
     c = tl.maximum(c, 0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    hi = S
-    if CAUSAL:  # later key blocks are not visible to any row of this tile
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + S - L)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    m_base = MASK + b * smb + h * smh + offs_m[:, None] * sml
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = _tile(k_base, offs_d, offs_n, skd, sks, D, S)
-        s = _scores(q, k_t, m_base + offs_n[None, :] * sms, offs_m, offs_n, L, S, scale, CAUSAL, HAS_MASK, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(v_base, offs_n, offs_dv, svs, svd, S, DV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
 
     # Merge with the NTK state: acc is relative to e^{m_i}, so w O = acc e^{m_i - T}.
     total = _logaddexp(m_i + tl.log(l_i), tl.log(c))
@@ -132,46 +180,124 @@ def _forward_kernel(
 
 
 @triton.jit
+def _dq_blocks(dq, q, do, t, delta, k_base, v_base, m_base, offs_m, offs_d, offs_dv, lo, hi,
+               L, S, D, DV, skd, sks, svs, svd, sms, scale,
+               CHECKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+               CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = _load(k_base + offs_d[:, None] * skd + offs_n[None, :] * sks, offs_d, offs_n, D, S, CHECK_D, CHECKED)
+        v_t = _load(v_base + offs_dv[:, None] * svd + offs_n[None, :] * svs, offs_dv, offs_n, DV, S, CHECK_DV, CHECKED)
+        s = _scores(q, k_t, m_base + offs_n[None, :] * sms, offs_m, offs_n, L, S, scale, CHECKED, CAUSAL, HAS_MASK,
+                    PRECISION)
+        p = tl.exp(s - t[:, None])
+        dp = tl.dot(do, v_t, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
 def _dq_kernel(
-    Q, K, V, MASK, DO, T, DELTA, DQ,
+    Q, K, V, MASK, DO, OUT, T, DELTA, DQ, Z, KV, STATS, DZ_PART, DKV_PART, DSTATS,
     sqb, sqh, sql, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-    smb, smh, sml, sms, sdob, sdoh, sdol, sdod,
-    H, G, L, S, D, DV, scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    smb, smh, sml, sms, sdob, sdoh, sdol, sdod, sob, soh, sol, sod,
+    szh, szr, szd, skvh, skvr, sstb, ssth, sstl, sstd,
+    H, G, GS, L, S, D, DV, scale, sqrt_scale, max_exp,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, ELU: tl.constexpr, PRECISION: tl.constexpr,
+    PHI_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
 ):
+    """dq of one query tile, and the NTK state's share of the gradient: ``delta = g . out`` (stored
+    for the dk/dv kernel), ``dN = beta g``, ``dc = -beta delta`` (0 where ``c`` was clamped), with
+    ``beta = e^{-T}``. ELU: ``dq += (dN Z^T + dc k^T) phi'(q)`` and this tile's ``phi^T dN``,
+    ``phi^T dc`` as partial sums of dZ, dk (summed by PyTorch: no atomics, deterministic); other
+    maps: ``[dN | dc]`` is written out for PyTorch's autograd through ``phi``."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
-    q = _tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, L, D)
-    do = _tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdol, sdod, L, DV)
-    t = tl.load(T + bh * L + offs_m, mask=row_ok, other=0.0)
-    t = tl.where(t == float("-inf"), 0.0, t)  # dead rows see no key: p = 0 already
-    delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
+    q = _load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd, offs_m, offs_d, L, D, True, CHECK_D)
+    do = _load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_dv[None, :] * sdod, offs_m, offs_dv, L, DV,
+               True, CHECK_DV)
+    out = _load(OUT + b * sob + h * soh + offs_m[:, None] * sol + offs_dv[None, :] * sod, offs_m, offs_dv, L, DV,
+                True, CHECK_DV)
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), axis=1)
+    tl.store(DELTA + bh * L + offs_m, delta, mask=row_ok)
+    total = tl.load(T + bh * L + offs_m, mask=row_ok, other=float("-inf"))
+    dead = total == float("-inf")  # no visible key and c = 0 (or a row past L)
+    t = tl.where(dead, 0.0, total)  # p = 0 there already
+
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + S - L)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_base = MASK + b * smb + h * smh + offs_m[:, None] * sml
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = _tile(k_base, offs_d, offs_n, skd, sks, D, S)
-        v_t = _tile(v_base, offs_dv, offs_n, svd, svs, DV, S)
-        s = _scores(q, k_t, m_base + offs_n[None, :] * sms, offs_m, offs_n, L, S, scale, CAUSAL, HAS_MASK, PRECISION)
-        p = tl.exp(s - t[:, None])
-        dp = tl.dot(do, v_t, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
-    tl.store(DQ + bh * L * D + offs_m[:, None] * D + offs_d[None, :], dq * scale,
+    full, hi = _key_ranges(m0, L, S, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, t, delta, k_base, v_base, m_base, offs_m, offs_d, offs_dv, 0, full,
+                    L, S, D, DV, skd, sks, svs, svd, sms, scale, False, CAUSAL, HAS_MASK, PRECISION, CHECK_D, CHECK_DV,
+                    BLOCK_N)
+    dq = _dq_blocks(dq, q, do, t, delta, k_base, v_base, m_base, offs_m, offs_d, offs_dv, full, hi,
+                    L, S, D, DV, skd, sks, svs, svd, sms, scale, True, CAUSAL, HAS_MASK, PRECISION, CHECK_D, CHECK_DV,
+                    BLOCK_N)
+    dq = dq * scale
+
+    beta = tl.where(dead, 0.0, tl.exp(tl.minimum(-t, max_exp)))
+    d_num = do.to(tl.float32) * beta[:, None]
+    if ELU:
+        x = q.to(tl.float32) * sqrt_scale
+        phi = tl.where(x > 0, x + 1.0, tl.exp(x))
+        phi = tl.where(row_ok[:, None] & (offs_d[None, :] < D), phi, 0.0)
+        hs = h // GS
+        z = _load(Z + hs * szh + offs_d[:, None] * szr + offs_dv[None, :] * szd, offs_d, offs_dv, D, DV, CHECK_D, CHECK_DV)
+        kv = tl.load(KV + hs * skvh + offs_d * skvr, mask=offs_d < D, other=0.0)
+        c_raw = tl.sum(phi * kv[None, :], axis=1)
+        d_den = tl.where(c_raw >= 0, -beta * delta, 0.0)
+        d_phi = tl.dot(d_num, tl.trans(z), input_precision=PHI_PRECISION) + d_den[:, None] * kv[None, :]
+        dq += d_phi * tl.where(x > 0, 1.0, tl.exp(x)) * sqrt_scale
+        part = bh * tl.num_programs(0) + pid_m
+        dz = tl.dot(tl.trans(phi), d_num, input_precision=PHI_PRECISION)  # [BLOCK_D, BLOCK_DV]
+        tl.store(DZ_PART + part * BLOCK_D * BLOCK_DV + offs_d[:, None] * BLOCK_DV + offs_dv[None, :], dz)
+        tl.store(DKV_PART + part * BLOCK_D + offs_d, tl.sum(phi * d_den[:, None], axis=0))
+    else:
+        st = STATS + b * sstb + h * ssth + offs_m * sstl
+        c_raw = tl.load(st + DV * sstd, mask=row_ok, other=0.0)
+        d_den = tl.where(c_raw >= 0, -beta * delta, 0.0)
+        dst = DSTATS + (bh * L + offs_m) * (DV + 1)
+        tl.store(dst[:, None] + offs_dv[None, :], d_num, mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(dst + DV, d_den, mask=row_ok)
+    tl.store(DQ + bh * L * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k_t, v, q_base, do_base, t_base, delta_base, m_head, offs_n, offs_d, offs_dv, lo, hi,
+                 L, S, D, DV, sql, sqd, sdol, sdod, sml, sms, scale,
+                 CHECKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                 CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query blocks [lo, hi) of one head against one key block. Rows past L load as 0 and add 0;
+    keys past S only reach their own (unstored) rows of dk and dv."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < L
+        q = _load(q_base + offs_m[:, None] * sql + offs_d[None, :] * sqd, offs_m, offs_d, L, D, True, CHECK_D)
+        do = _load(do_base + offs_m[:, None] * sdol + offs_dv[None, :] * sdod, offs_m, offs_dv, L, DV, True, CHECK_DV)
+        t = tl.load(t_base + offs_m, mask=row_ok, other=0.0)
+        t = tl.where(t == float("-inf"), 0.0, t)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        s = _scores(q, k_t, m_head + offs_m[:, None] * sml + offs_n[None, :] * sms, offs_m, offs_n, L, S, scale,
+                    CHECKED, CAUSAL, HAS_MASK, PRECISION)
+        p = tl.exp(s - t[:, None])  # [BLOCK_M, BLOCK_N]
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -182,57 +308,86 @@ def _dkdv_kernel(
     H, H_KV, G, L, S, D, DV, scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // H_KV
     hk = bhk % H_KV
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < S
-    k_t = _tile(K + b * skb + hk * skh, offs_d, offs_n, skd, sks, D, S)
-    v = _tile(V + b * svb + hk * svh, offs_n, offs_dv, svs, svd, S, DV)
+    k_t = _load(K + b * skb + hk * skh + offs_d[:, None] * skd + offs_n[None, :] * sks, offs_d, offs_n, D, S,
+                CHECK_D, True)
+    v = _load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_dv[None, :] * svd, offs_n, offs_dv, S, DV,
+              True, CHECK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    # Query blocks [lo, mid) see part of this key block (causal), [mid, L) all of it.
     lo = 0
-    if CAUSAL:  # earlier query rows see none of these keys
-        lo = tl.maximum(0, pid_n * BLOCK_N - (S - L))
-        lo = (lo // BLOCK_M) * BLOCK_M
+    mid = 0
+    if CAUSAL:
+        lo = (tl.maximum(0, n0 - (S - L)) // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(tl.maximum(0, n0 + BLOCK_N - 1 - (S - L)), BLOCK_M) * BLOCK_M
+        mid = tl.maximum(lo, tl.minimum(mid, tl.cdiv(L, BLOCK_M) * BLOCK_M))
     for g in range(0, G):
         h = hk * G + g
         bh = b * H + h
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
         m_head = MASK + b * smb + h * smh
-        for start_m in range(lo, L, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < L
-            q = _tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, L, D)
-            do = _tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, sdol, sdod, L, DV)
-            t = tl.load(T + bh * L + offs_m, mask=row_ok, other=0.0)
-            t = tl.where(t == float("-inf"), 0.0, t)
-            delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
-            s = _scores(q, k_t, m_head + offs_m[:, None] * sml + offs_n[None, :] * sms, offs_m, offs_n, L, S, scale,
-                        CAUSAL, HAS_MASK, PRECISION)
-            p = tl.exp(s - t[:, None])  # [BLOCK_M, BLOCK_N]
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+        dk, dv = _dkdv_blocks(dk, dv, k_t, v, q_base, do_base, T + bh * L, DELTA + bh * L, m_head, offs_n, offs_d,
+                              offs_dv, lo, mid, L, S, D, DV, sql, sqd, sdol, sdod, sml, sms, scale,
+                              True, CAUSAL, HAS_MASK, PRECISION, CHECK_D, CHECK_DV, BLOCK_M)
+        dk, dv = _dkdv_blocks(dk, dv, k_t, v, q_base, do_base, T + bh * L, DELTA + bh * L, m_head, offs_n, offs_d,
+                              offs_dv, mid, L, L, S, D, DV, sql, sqd, sdol, sdod, sml, sms, scale,
+                              False, CAUSAL, HAS_MASK, PRECISION, CHECK_D, CHECK_DV, BLOCK_M)
     base = bhk * S
-    tl.store(DK + (base + offs_n[:, None]) * D + offs_d[None, :], dk * scale, mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_OUT + (base + offs_n[:, None]) * DV + offs_dv[None, :], dv, mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(DK + (base + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_OUT + (base + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _tiles(L: int, D: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N). Small tiles under the interpreter so tiny test shapes span several."""
+def _head_blocks(D: int, DV: int) -> dict:
+    """Tile widths of the head dims, and whether loads must check them (D not a power of two)."""
+    return dict(BLOCK_D=_block(D), BLOCK_DV=_block(DV), CHECK_D=_block(D) != D, CHECK_DV=_block(DV) != DV)
+
+
+def _tiles(kernel: str, L: int, D: int, dtype: torch.dtype, capability: int = 90) -> dict:
+    """Launch configuration of one kernel (``"forward"``, ``"dq"``, ``"dkdv"``): tile sizes, warps and
+    pipeline stages; ``capability`` as 80 for sm_80. Half precision at D <= 64 as measured best on an
+    H200 (benchmarks/results/triton-h200/sweep.json); the others are sized to fit the shared memory of
+    Hopper (227 KiB) and Ampere (163 KiB) blocks (tests/ops/test_triton_compile.py). Small tiles under
+    the interpreter, so that tiny test shapes span several."""
+    if kernel in TILES_OVERRIDE:
+        return dict(TILES_OVERRIDE[kernel])
     if INTERPRETED:
-        return 16, 16
-    block_m = 16 if L <= 16 else 64  # a decode step has one query row
-    return block_m, (64 if D <= 64 else 32)
+        return dict(BLOCK_M=16, BLOCK_N=16)
+    half, hopper = dtype != torch.float32, capability >= 90
+    if kernel == "forward":
+        if half:
+            m, n, warps, stages = 128, (64 if D <= 64 or not hopper else 128), 8, (3 if hopper else 2)
+        else:
+            m, n, warps, stages = (64 if D <= 64 else 32), 32, (4 if D <= 64 else 8), 2
+    elif kernel == "dq":
+        m, n, warps, stages = (128, 32, 4, 3) if half and D <= 64 else ((64 if D <= 64 else 32), 32, 4, 2)
+    else:
+        m, n, warps, stages = (64, 64, 4, 3) if half and D <= 64 else (32, 64 if half or D <= 64 else 32, 4, 2)
+    if L <= 16:  # a decode step: one query row
+        m = 16
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+
+def _capability(q: torch.Tensor) -> int:
+    if q.device.type != "cuda":
+        return 90  # the interpreter: tiles do not depend on it
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return 10 * major + minor
 
 
 def _mask_strides(mask, shape):
@@ -240,6 +395,10 @@ def _mask_strides(mask, shape):
         return None, (0, 0, 0, 0)
     full = torch.broadcast_to(mask, shape)  # a view: broadcast dims get stride 0
     return full, full.stride()
+
+
+def _precision(dtype: torch.dtype):
+    return FLOAT32_PRECISION if dtype == torch.float32 else None
 
 
 class _TritonNTK(torch.autograd.Function):
@@ -259,16 +418,15 @@ class _TritonNTK(torch.autograd.Function):
         else:
             zz, kk, st = q, q, stats.contiguous()
             sts = st.stride()
-        block_m, block_n = _tiles(L, D)
-        precision = "ieee" if q.dtype == torch.float32 else None
-        _forward_kernel[(triton.cdiv(L, block_m), B * H)](
+        cfg = _tiles("forward", L, D, q.dtype, _capability(q))
+        _forward_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
             q, k, v, zz, kk, st, full_mask if full_mask is not None else q, out, total,
             *q.stride(), *k.stride(), *v.stride(),
             *(zz.stride() if elu else (0, 0, 0)), *(kk.stride() if elu else (0, 0)), *sts,
             *ms, *out.stride(),
             H, H // H_kv, H // (zz.shape[0] if elu else H), L, S, D, DV, scale, scale**0.5, max_exponent(torch.float32),
-            CAUSAL=causal, HAS_MASK=full_mask is not None, ELU=elu, PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block(D), BLOCK_DV=_block(DV),
+            CAUSAL=causal, HAS_MASK=full_mask is not None, ELU=elu, PRECISION=_precision(q.dtype),
+            PHI_PRECISION=PHI_PRECISION, **_head_blocks(D, DV), **cfg,
         )
         ctx.causal, ctx.scale, ctx.fmap, ctx.elu = causal, scale, fmap, elu
         ctx.save_for_backward(q, k, v, z, kvec, stats, full_mask, out, total)
@@ -280,49 +438,58 @@ class _TritonNTK(torch.autograd.Function):
         B, H, L, D = q.shape
         H_kv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
         g = g.contiguous()
-        gf = g.float()
-        delta = torch.linalg.vecdot(gf, out.float()).contiguous()  # [B, H, L]
-        dq = torch.empty(B, H, L, D, device=q.device, dtype=torch.float32)
-        dk = torch.empty(B, H_kv, S, D, device=q.device, dtype=torch.float32)
-        dv = torch.empty(B, H_kv, S, DV, device=q.device, dtype=torch.float32)
+        dq, dk, dv = torch.empty_like(q), torch.empty(k.shape, device=k.device, dtype=k.dtype), torch.empty(
+            v.shape, device=v.device, dtype=v.dtype)
+        delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         ms = full_mask.stride() if full_mask is not None else (0, 0, 0, 0)
         mask_arg = full_mask if full_mask is not None else q
-        block_m, block_n = _tiles(L, D)
-        common = dict(CAUSAL=ctx.causal, HAS_MASK=full_mask is not None,
-                      PRECISION="ieee" if q.dtype == torch.float32 else None,
-                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block(D), BLOCK_DV=_block(DV))
+        heads = _head_blocks(D, DV)
+        common = dict(CAUSAL=ctx.causal, HAS_MASK=full_mask is not None, PRECISION=_precision(q.dtype), **heads)
         strides = (*q.stride(), *k.stride(), *v.stride(), *ms, *g.stride())
-        _dq_kernel[(triton.cdiv(L, block_m), B * H)](
-            q, k, v, mask_arg, g, total, delta, dq, *strides, H, H // H_kv, L, S, D, DV, ctx.scale, **common)
-        _dkdv_kernel[(triton.cdiv(S, block_n), B * H_kv)](
-            q, k, v, mask_arg, g, total, delta, dk, dv, *strides, H, H_kv, H // H_kv, L, S, D, DV, ctx.scale, **common)
-
-        # The NTK state's share, in PyTorch: dN = beta g, dc = -beta (g . out) where c was not clamped.
-        dead = torch.isneginf(total)
-        beta = torch.exp((-total).clamp_max(max_exponent(torch.float32))).masked_fill(dead, 0).unsqueeze(-1)
-        d_num = beta * gf
-        d_den = -beta * delta.unsqueeze(-1)
-        dz = dkvec = d_stats = None
+        cfg = _tiles("dq", L, D, q.dtype, _capability(q))
+        grid_m = triton.cdiv(L, cfg["BLOCK_M"])
         if ctx.elu:
-            with torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
-                q_, z_, kvec_ = (t.detach().requires_grad_() for t in (q, z, kvec))
-                state = torch.cat([z_, kvec_.unsqueeze(-1)], dim=-1).float()
-                st = ctx.fmap(q_, ctx.scale) @ repeat_kv(state, H)
-                d_st = torch.cat([d_num, torch.where(st[..., -1:] >= 0, d_den, 0)], dim=-1)
-                dq_phi, dz, dkvec = torch.autograd.grad(st, (q_, z_, kvec_), d_st)
-            dq = dq + dq_phi
+            zz, kk = z.float().contiguous(), kvec.float().contiguous()
+            dz_part = torch.empty(B * H, grid_m, heads["BLOCK_D"], heads["BLOCK_DV"], device=q.device, dtype=torch.float32)
+            dkv_part = torch.empty(B * H, grid_m, heads["BLOCK_D"], device=q.device, dtype=torch.float32)
+            st, d_stats, sts = q, q, (0, 0, 0, 0)
+            state_strides = (*zz.stride(), *kk.stride())
         else:
-            d_stats = torch.cat([d_num, torch.where(stats[..., -1:] >= 0, d_den, 0)], dim=-1)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dz, dkvec, d_stats, None, None, None, None
+            zz = kk = dz_part = dkv_part = q
+            st = stats.contiguous()
+            d_stats = torch.empty(B, H, L, DV + 1, device=q.device, dtype=torch.float32)
+            sts, state_strides = st.stride(), (0, 0, 0, 0, 0)
+        _dq_kernel[(grid_m, B * H)](
+            q, k, v, mask_arg, g, out, total, delta, dq, zz, kk, st, dz_part, dkv_part, d_stats,
+            *strides, *out.stride(), *state_strides, *sts,
+            H, H // H_kv, H // (zz.shape[0] if ctx.elu else H), L, S, D, DV, ctx.scale, ctx.scale**0.5,
+            max_exponent(torch.float32), ELU=ctx.elu, PHI_PRECISION=PHI_PRECISION, **common, **cfg)
+        cfg = _tiles("dkdv", L, D, q.dtype, _capability(q))
+        _dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * H_kv)](
+            q, k, v, mask_arg, g, total, delta, dk, dv, *strides, H, H_kv, H // H_kv, L, S, D, DV, ctx.scale,
+            **common, **cfg)
+        dz = dkvec = None
+        if ctx.elu:  # per query head, then summed over the heads that share a state
+            H_state = z.shape[0]
+            dz = dz_part.view(B, H, grid_m, *dz_part.shape[-2:]).sum((0, 2))[:, :D, :DV]
+            dz = dz.view(H_state, H // H_state, D, DV).sum(1).to(z.dtype)
+            dkvec = dkv_part.view(B, H, grid_m, -1).sum((0, 2))[:, :D].view(H_state, H // H_state, D).sum(1).to(kvec.dtype)
+            d_stats = None
+        return dq, dk, dv, dz, dkvec, d_stats, None, None, None, None
 
 
 def triton_ntk_attention(q, k, v, z, kvec, fmap, causal: bool, mask, scale: float) -> torch.Tensor:
     """``ntk_attention`` on the Triton kernel; arguments already checked (``mask`` additive or None)."""
     from ..feature_maps import EluFeatureMap
 
-    if type(fmap) is EluFeatureMap:  # phi computed in the kernel from the query tile
-        return _TritonNTK.apply(q, k, v, z, kvec, None, mask, causal, scale, fmap)
-    with torch.autocast(q.device.type, enabled=False):  # other maps: phi^T [Z | k] by PyTorch
-        phi = fmap(q, scale)
-        stats = phi @ repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype), q.shape[1])
-    return _TritonNTK.apply(q, k, v, None, None, stats.float(), mask, causal, scale, fmap)
+    try:
+        if type(fmap) is EluFeatureMap:  # phi computed in the kernel from the query tile
+            return _TritonNTK.apply(q, k, v, z, kvec, None, mask, causal, scale, fmap)
+        with torch.autocast(q.device.type, enabled=False):  # other maps: phi^T [Z | k] by PyTorch
+            phi = fmap(q, scale)
+            stats = phi @ repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype), q.shape[1])
+        return _TritonNTK.apply(q, k, v, None, None, stats.float(), mask, causal, scale, fmap)
+    except triton.runtime.errors.OutOfResources as e:  # a GPU with less shared memory than the tiles assume
+        raise RuntimeError(f"triton: the kernel's tiles do not fit this GPU ({torch.cuda.get_device_name(q.device)}, "
+                           f"head dim {q.shape[-1]}, {q.dtype}): {e}. Use backend='auto' (PyTorch's fused kernels)."
+                           ) from e
