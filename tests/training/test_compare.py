@@ -118,6 +118,7 @@ def test_causal_lm_comparison_scores_the_untuned_base(tmp_path, tiny_llama, math
     assert base["dev_loss"] > 0 and ntk["dev_loss"] > 0 and "dev_exact_match" in ntk
     assert ntk["dev_loss_before"] == pytest.approx(base["dev_loss"], rel=1e-5)  # k_init=0: the exact start is the base
     assert "| base | 0 (0) | - | untuned |" in (out / "math.md").read_text()
+    assert "--threads 1" in (tmp_path / "work" / "math" / "base" / "log.txt").read_text()  # the base's eval too
 
 
 def test_variant_and_grid_specs():

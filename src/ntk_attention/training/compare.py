@@ -228,7 +228,7 @@ def score_base(args, variant: Variant) -> dict:
     command = [sys.executable, "-m", "ntk_attention.cli", "eval", "--model", args.model, "--data", args.eval_data,
                "--result-json", os.path.join(folder, "result.json")]
     command += forwarded_options(args, ("task", "gguf_file", "batch_size", "text_column", "prompt_field", "answer_field", "max_length",
-                                        "eval_size", "max_new_tokens", "generate_size", "generate_batch_size"))
+                                        "eval_size", "max_new_tokens", "generate_size", "generate_batch_size", "threads"))
     result = run_once(command, folder)
     scores = {f"dev_{name}{suffix}": value for name in SCORE_NAMES if name in result
               for suffix, value in (("", result[name]), ("_std", 0.0), ("_per_seed", [result[name]]))}

@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result-json", default=None, help="also write the JSON object to this file")
     parser.add_argument("--predictions", default=None, metavar="FILE.jsonl",
                         help="causal LM: write each generated answer, its final number and the reference's")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     add_data_arguments(parser)
     # Columns default to what the adapter was trained with (--model: the causal-lm defaults).
     parser.set_defaults(label_column=None, prompt_field=None, answer_field=None)
@@ -87,6 +88,8 @@ def exact_match(model, tokenizer, table, columns: D.Columns, max_new_tokens: int
 def evaluate(args) -> dict:
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not (args.adapter or args.model):
         raise ValueError("ntk-attn eval needs --adapter DIR, --model NAME_OR_DIR, or both")
     baseline = args.adapter is None
