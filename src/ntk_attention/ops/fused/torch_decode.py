@@ -32,7 +32,8 @@ def decode_ntk_attention(q, k, v, state, feature_map: FeatureMap, mask, scale: f
     G = H // H_kv
     with torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext():
         phi = feature_map(q, scale)  # float32 or float64: the NTK sums need full precision
-        stats = (phi @ state.to(phi.dtype)).reshape(B, H_kv, G, Dv + 1)
+        # [N | c] of every query head in one batched product, the heads as its batch: [H, B, Dv + 1]
+        stats = torch.bmm(phi.view(B, H, -1).transpose(0, 1), state if state.dtype == phi.dtype else state.to(phi.dtype))
     if mask is not None and (mask.all() if mask.dtype == torch.bool else not mask.any()):
         mask = None  # nothing masked (generate() passes such masks without padding): the shorter merge
     if mask is not None:
@@ -40,15 +41,19 @@ def decode_ntk_attention(q, k, v, state, feature_map: FeatureMap, mask, scale: f
     if Dv != D:  # the kernel wants one head dim (as in torch_states._Fused)
         q, k, v = _Fused._pad_heads(q, k, v)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.reshape(B, H_kv, G, q.shape[-1]), k, v, 0.0, False, attn_mask=mask, scale=scale)
-    weight = lse.unsqueeze(-1).to(stats.dtype).neg_().clamp_max_(max_exponent(stats.dtype)).exp_()
-    o = o[..., :Dv].to(stats.dtype)
+        q.view(B, H_kv, G, q.shape[-1]), k, v, 0.0, False, attn_mask=mask, scale=scale)
+    dtype = stats.dtype
+    weight = lse.reshape(B, H, 1).to(dtype).neg_().clamp_max_(max_exponent(dtype)).exp_()
+    stats = stats.transpose(0, 1)  # [B, H, Dv + 1]
+    o = o.reshape(B, H, -1)
+    if o.shape[-1] != Dv or o.dtype != dtype:
+        o = o[..., :Dv].to(dtype)
     if mask is not None:  # a row that sees no key (the kernel reports lse = 0): the NTK term alone
-        blind = ~(mask > float("-inf")).any(-1, keepdim=True)
+        blind = ~(mask > float("-inf")).any(-1).view(B, H, 1)
         o = o.masked_fill(blind, 0.0)
-        weight = weight.masked_fill(blind, math.exp(max_exponent(stats.dtype)))
-    out = torch.addcmul(o, stats[..., :-1], weight).div_(stats[..., -1:].clamp_min(0).mul_(weight).add_(1.0))
+        weight = weight.masked_fill(blind, math.exp(max_exponent(dtype)))
+    den = torch.addcmul(weight.new_ones(()), stats[..., Dv:].clamp_min(0), weight)  # 1 + w max(c, 0)
+    out = torch.addcmul(o, stats[..., :Dv], weight).div_(den)
     if mask is not None:  # ... and 0 where it has no mass either (c = 0)
-        out = out.masked_fill(blind & (stats[..., -1:] <= 0), 0.0)
-    return out.reshape(B, H, 1, Dv).to(q.dtype)
-
+        out = out.masked_fill(blind & (stats[..., Dv:] <= 0), 0.0)
+    return out.view(B, H, 1, Dv).to(q.dtype)
