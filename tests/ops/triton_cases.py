@@ -112,6 +112,15 @@ def test_triton_other_feature_maps_take_the_statistics_from_pytorch(fmap):
     check(q, k, v, z, kvec, fmap, True, make_mask("padding", 2, 2, 6, 19, DEVICE), torch.float32)
 
 
+def test_triton_takes_strided_views():
+    """q, k, v as a model hands them over: [B, L, H, D] projections seen through transpose(1, 2)."""
+    fmap = get_feature_map("elu")
+    q, k, v, z, kvec = make_inputs(2, 4, 2, 19, 19, 8, 8, fmap, torch.float32, DEVICE)
+    q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    assert not q.is_contiguous()
+    check(q, k, v, z, kvec, fmap, True, None, torch.float32)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_state_per_kv_head(causal):
     fmap = get_feature_map("elu")

@@ -11,12 +11,15 @@ log space (docs: ``fused/torch_fused.py``):
 ``T`` is stored per row. Backward: the merged attention is softmax attention whose weights are
 ``p_ij = e^{s_ij - T_i}``, so dq, dk, dv are FlashAttention's backward with ``T`` in place of the
 log-sum-exp and ``delta_i = g_i . out_i``; one program per key block of a key/value head sums over
-the query heads of its group (no atomics). ``dN = e^{-T} g``, ``dc = -e^{-T} (g . out)`` (0 where
-``c`` was clamped) reach ``phi``, ``Z`` and ``k`` through PyTorch's autograd around the kernel.
+the query heads of its group (no atomics). The dq kernel also computes ``delta`` and the NTK share,
+``dN = e^{-T} g`` and ``dc = -e^{-T} (g . out)`` (0 where ``c`` was clamped): with the ELU map it adds
+``(dN Z^T + dc k^T) phi'(q)`` to dq and writes each tile's ``phi^T dN``, ``phi^T dc`` (summed into dZ,
+dk by PyTorch, deterministically); with other maps it writes ``[dN | dc]`` for autograd through
+``phi``.
 
 Causal is bottom-right aligned (query i sees keys j <= i + S - L); an additive mask (bool masks
-arrive as 0 / -inf) is read with its broadcast strides. float32 dot products run in IEEE precision
-(no TF32), so float32 results match the reference to ~1e-6.
+arrive as 0 / -inf) is read with its broadcast strides. float32 dot products run as ``tf32x3``
+(three TF32 tensor-core products), so float32 results match the reference to ~1e-6.
 
 Import this module only through ``ops.backends`` (it needs ``triton``). With ``TRITON_INTERPRET=1``
 set before it is imported, the kernels run on CPU tensors under Triton's interpreter (tests).
@@ -405,7 +408,7 @@ class _TritonNTK(torch.autograd.Function):
     """Inputs as ``ntk_attention`` checked them; ``z, kvec`` (ELU, in-kernel phi) or ``stats``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, kvec, stats, mask, causal, scale, fmap):
+    def forward(ctx, q, k, v, z, kvec, stats, mask, causal, scale):
         B, H, L, D = q.shape
         H_kv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
         elu = stats is None
@@ -428,7 +431,7 @@ class _TritonNTK(torch.autograd.Function):
             CAUSAL=causal, HAS_MASK=full_mask is not None, ELU=elu, PRECISION=_precision(q.dtype),
             PHI_PRECISION=PHI_PRECISION, **_head_blocks(D, DV), **cfg,
         )
-        ctx.causal, ctx.scale, ctx.fmap, ctx.elu = causal, scale, fmap, elu
+        ctx.causal, ctx.scale, ctx.elu = causal, scale, elu
         ctx.save_for_backward(q, k, v, z, kvec, stats, full_mask, out, total)
         return out
 
@@ -438,8 +441,8 @@ class _TritonNTK(torch.autograd.Function):
         B, H, L, D = q.shape
         H_kv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
         g = g.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty(k.shape, device=k.device, dtype=k.dtype), torch.empty(
-            v.shape, device=v.device, dtype=v.dtype)
+        # written with contiguous indexing, whatever the inputs' strides (a model's q is a transposed view)
+        dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         ms = full_mask.stride() if full_mask is not None else (0, 0, 0, 0)
         mask_arg = full_mask if full_mask is not None else q
@@ -475,7 +478,7 @@ class _TritonNTK(torch.autograd.Function):
             dz = dz.view(H_state, H // H_state, D, DV).sum(1).to(z.dtype)
             dkvec = dkv_part.view(B, H, grid_m, -1).sum((0, 2))[:, :D].view(H_state, H // H_state, D).sum(1).to(kvec.dtype)
             d_stats = None
-        return dq, dk, dv, dz, dkvec, d_stats, None, None, None, None
+        return dq, dk, dv, dz, dkvec, d_stats, None, None, None
 
 
 def triton_ntk_attention(q, k, v, z, kvec, fmap, causal: bool, mask, scale: float) -> torch.Tensor:
@@ -484,11 +487,11 @@ def triton_ntk_attention(q, k, v, z, kvec, fmap, causal: bool, mask, scale: floa
 
     try:
         if type(fmap) is EluFeatureMap:  # phi computed in the kernel from the query tile
-            return _TritonNTK.apply(q, k, v, z, kvec, None, mask, causal, scale, fmap)
+            return _TritonNTK.apply(q, k, v, z, kvec, None, mask, causal, scale)
         with torch.autocast(q.device.type, enabled=False):  # other maps: phi^T [Z | k] by PyTorch
             phi = fmap(q, scale)
             stats = phi @ repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype), q.shape[1])
-        return _TritonNTK.apply(q, k, v, None, None, stats.float(), mask, causal, scale, fmap)
+        return _TritonNTK.apply(q, k, v, None, None, stats.float(), mask, causal, scale)
     except triton.runtime.errors.OutOfResources as e:  # a GPU with less shared memory than the tiles assume
         raise RuntimeError(f"triton: the kernel's tiles do not fit this GPU ({torch.cuda.get_device_name(q.device)}, "
                            f"head dim {q.shape[-1]}, {q.dtype}): {e}. Use backend='auto' (PyTorch's fused kernels)."
