@@ -115,6 +115,8 @@ def main() -> int:
     p.add_argument("--sweep-seconds", type=float, default=120, help="stop sweeping after this long")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (the kernel's CPU tests run under Triton's interpreter: tests/ops/test_triton.py)")
     record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "batch": args.batch, "heads": args.heads, "causal": True, "rows": [], "sweep": []}
