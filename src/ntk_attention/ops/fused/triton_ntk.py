@@ -187,6 +187,7 @@ def _dq_blocks(dq, q, do, t, delta, k_base, v_base, m_base, offs_m, offs_d, offs
                L, S, D, DV, skd, sks, svs, svd, sms, scale,
                CHECKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq of the query tile over the key blocks [lo, hi): the weights p = e^{s - T} recomputed."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = _load(k_base + offs_d[:, None] * skd + offs_n[None, :] * sks, offs_d, offs_n, D, S, CHECK_D, CHECKED)
@@ -363,10 +364,11 @@ def _head_blocks(D: int, DV: int) -> dict:
 
 def _tiles(kernel: str, L: int, D: int, dtype: torch.dtype, capability: int = 90) -> dict:
     """Launch configuration of one kernel (``"forward"``, ``"dq"``, ``"dkdv"``): tile sizes, warps and
-    pipeline stages; ``capability`` as 80 for sm_80. Half precision at D <= 64 as measured best on an
-    H200 (benchmarks/results/triton-h200/sweep.json); the others are sized to fit the shared memory of
-    Hopper (227 KiB) and Ampere (163 KiB) blocks (tests/ops/test_triton_compile.py). Small tiles under
-    the interpreter, so that tiny test shapes span several."""
+    pipeline stages; ``capability`` as 80 for sm_80. In half precision the forward (D = 64 and 128)
+    and dk/dv (D = 64) take the best of an H200 sweep (benchmarks/results/triton-h200/sweep.json); the
+    rest are sized to fit the shared memory of Hopper (227 KiB) and Ampere (163 KiB) blocks
+    (tests/ops/test_triton_compile.py). Small tiles under the interpreter, so that tiny test shapes
+    span several."""
     if kernel in TILES_OVERRIDE:
         return dict(TILES_OVERRIDE[kernel])
     if INTERPRETED:
