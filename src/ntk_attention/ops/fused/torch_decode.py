@@ -41,7 +41,7 @@ def decode_ntk_attention(q, k, v, state, feature_map: FeatureMap, mask, scale: f
     if Dv != D:  # the kernel wants one head dim (as in torch_states._Fused)
         q, k, v = _Fused._pad_heads(q, k, v)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.view(B, H_kv, G, q.shape[-1]), k, v, 0.0, False, attn_mask=mask, scale=scale)
+        q.reshape(B, H_kv, G, q.shape[-1]), k, v, 0.0, False, attn_mask=mask, scale=scale)
     dtype = stats.dtype
     weight = lse.reshape(B, H, 1).to(dtype).neg_().clamp_max_(max_exponent(dtype)).exp_()
     stats = stats.transpose(0, 1)  # [B, H, Dv + 1]
