@@ -157,6 +157,17 @@ def test_triton_identity_start_is_softmax_attention_and_trains():
     assert torch.isfinite(gz).all() and gz.abs().sum() > 0 and gk.abs().sum() > 0
 
 
+def test_a_gpu_without_the_shared_memory_gets_a_clear_error():
+    from triton.runtime.errors import OutOfResources
+
+    from ntk_attention.ops.fused.triton_ntk import _tiles_must_fit
+
+    q = torch.zeros(1, 2, 3, 128, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"triton: the kernel's tiles do not fit this GPU .*head dim 128.*backend='auto'"):
+        with _tiles_must_fit(q):
+            raise OutOfResources(237568, 232448, "shared memory")
+
+
 def test_triton_refusals_say_why():
     q, k = torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE), torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(BackendRefused, match="triton: torch.float64 not supported"):

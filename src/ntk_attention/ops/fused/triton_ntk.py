@@ -27,6 +27,8 @@ set before it is imported, the kernels run on CPU tensors under Triton's interpr
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -424,15 +426,16 @@ class _TritonNTK(torch.autograd.Function):
             zz, kk, st = q, q, stats.contiguous()
             sts = st.stride()
         cfg = _tiles("forward", L, D, q.dtype, _capability(q))
-        _forward_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
-            q, k, v, zz, kk, st, full_mask if full_mask is not None else q, out, total,
-            *q.stride(), *k.stride(), *v.stride(),
-            *(zz.stride() if elu else (0, 0, 0)), *(kk.stride() if elu else (0, 0)), *sts,
-            *ms, *out.stride(),
-            H, H // H_kv, H // (zz.shape[0] if elu else H), L, S, D, DV, scale, scale**0.5, max_exponent(torch.float32),
-            CAUSAL=causal, HAS_MASK=full_mask is not None, ELU=elu, PRECISION=_precision(q.dtype),
-            PHI_PRECISION=PHI_PRECISION, **_head_blocks(D, DV), **cfg,
-        )
+        with _tiles_must_fit(q):
+            _forward_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+                q, k, v, zz, kk, st, full_mask if full_mask is not None else q, out, total,
+                *q.stride(), *k.stride(), *v.stride(),
+                *(zz.stride() if elu else (0, 0, 0)), *(kk.stride() if elu else (0, 0)), *sts,
+                *ms, *out.stride(),
+                H, H // H_kv, H // (zz.shape[0] if elu else H), L, S, D, DV, scale, scale**0.5, max_exponent(torch.float32),
+                CAUSAL=causal, HAS_MASK=full_mask is not None, ELU=elu, PRECISION=_precision(q.dtype),
+                PHI_PRECISION=PHI_PRECISION, **_head_blocks(D, DV), **cfg,
+            )
         ctx.causal, ctx.scale, ctx.elu = causal, scale, elu
         ctx.save_for_backward(q, k, v, z, kvec, stats, full_mask, out, total)
         return out
@@ -464,15 +467,17 @@ class _TritonNTK(torch.autograd.Function):
             st = stats.contiguous()
             d_stats = torch.empty(B, H, L, DV + 1, device=q.device, dtype=torch.float32)
             sts, state_strides = st.stride(), (0, 0, 0, 0, 0)
-        _dq_kernel[(grid_m, B * H)](
-            q, k, v, mask_arg, g, out, total, delta, dq, zz, kk, st, dz_part, dkv_part, d_stats,
-            *strides, *out.stride(), *state_strides, *sts,
-            H, H // H_kv, H // (zz.shape[0] if ctx.elu else H), L, S, D, DV, ctx.scale, ctx.scale**0.5,
-            max_exponent(torch.float32), ELU=ctx.elu, PHI_PRECISION=PHI_PRECISION, **common, **cfg)
+        with _tiles_must_fit(q):
+            _dq_kernel[(grid_m, B * H)](
+                q, k, v, mask_arg, g, out, total, delta, dq, zz, kk, st, dz_part, dkv_part, d_stats,
+                *strides, *out.stride(), *state_strides, *sts,
+                H, H // H_kv, H // (zz.shape[0] if ctx.elu else H), L, S, D, DV, ctx.scale, ctx.scale**0.5,
+                max_exponent(torch.float32), ELU=ctx.elu, PHI_PRECISION=PHI_PRECISION, **common, **cfg)
         cfg = _tiles("dkdv", L, D, q.dtype, _capability(q))
-        _dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * H_kv)](
-            q, k, v, mask_arg, g, total, delta, dk, dv, *strides, H, H_kv, H // H_kv, L, S, D, DV, ctx.scale,
-            **common, **cfg)
+        with _tiles_must_fit(q):
+            _dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * H_kv)](
+                q, k, v, mask_arg, g, total, delta, dk, dv, *strides, H, H_kv, H // H_kv, L, S, D, DV, ctx.scale,
+                **common, **cfg)
         dz = dkvec = None
         if ctx.elu:  # per query head, then summed over the heads that share a state
             H_state = z.shape[0]
@@ -487,14 +492,21 @@ def triton_ntk_attention(q, k, v, z, kvec, fmap, causal: bool, mask, scale: floa
     """``ntk_attention`` on the Triton kernel; arguments already checked (``mask`` additive or None)."""
     from ..feature_maps import EluFeatureMap
 
+    if type(fmap) is EluFeatureMap:  # phi computed in the kernel from the query tile
+        return _TritonNTK.apply(q, k, v, z, kvec, None, mask, causal, scale)
+    with torch.autocast(q.device.type, enabled=False):  # other maps: phi^T [Z | k] by PyTorch
+        phi = fmap(q, scale)
+        stats = phi @ repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype), q.shape[1])
+    return _TritonNTK.apply(q, k, v, None, None, stats.float(), mask, causal, scale)
+
+
+@contextlib.contextmanager
+def _tiles_must_fit(q: torch.Tensor):
+    """Triton's out-of-shared-memory error at a launch, said in the library's terms."""
     try:
-        if type(fmap) is EluFeatureMap:  # phi computed in the kernel from the query tile
-            return _TritonNTK.apply(q, k, v, z, kvec, None, mask, causal, scale)
-        with torch.autocast(q.device.type, enabled=False):  # other maps: phi^T [Z | k] by PyTorch
-            phi = fmap(q, scale)
-            stats = phi @ repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1).to(phi.dtype), q.shape[1])
-        return _TritonNTK.apply(q, k, v, None, None, stats.float(), mask, causal, scale)
+        yield
     except triton.runtime.errors.OutOfResources as e:  # a GPU with less shared memory than the tiles assume
-        raise RuntimeError(f"triton: the kernel's tiles do not fit this GPU ({torch.cuda.get_device_name(q.device)}, "
+        gpu = torch.cuda.get_device_name(q.device) if q.is_cuda else q.device
+        raise RuntimeError(f"triton: the kernel's tiles do not fit this GPU ({gpu}, "
                            f"head dim {q.shape[-1]}, {q.dtype}): {e}. Use backend='auto' (PyTorch's fused kernels)."
                            ) from e
