@@ -11,7 +11,7 @@ Backends (``"auto"`` tries all but ``"triton"``, in this order):
   ``fused/torch_fused.py``. ``"fused"`` asks for whichever of these takes the inputs.
 - ``"decode"`` (``fused/torch_decode.py``): a single query row without gradient on CPU (a
   generation step): one flash-kernel call and a few ops, where the overhead of the general path
-  would dominate.
+  would dominate; without a mask, one call of a small compiled C++ kernel (``fused/cpu_decode.cpp``).
 - ``"chunked"``: the same merge over a pure-PyTorch loop on key blocks; takes everything.
 
 ``select_backend`` returns the backend or, for an explicitly requested one that cannot take the

@@ -10,6 +10,11 @@ its ``(O, lse)`` is merged with ``[N | c] = phi(q)^T [Z | k]`` directly:
 
 ``ops.ntk_decode_state`` stacks ``[Z | k]`` per query head once; an adapter reuses it for every token
 (``NTKState`` keeps it while its parameters do not change).
+
+Where nothing is masked and the value and key head dims agree (a generation step of every tested
+model), the compiled ``cpu_decode.cpp`` computes the same in one call (``cpu_kernel.py`` builds it;
+random features computed inside, other maps passed in); the ops below are its reference and
+fallback.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from contextlib import nullcontext
 
 import torch
 
-from ..feature_maps import FeatureMap
-from ..utils import additive_mask, max_exponent
+from ..feature_maps import FeatureMap, RandomFeatureMap
+from ..utils import additive_mask, compute_dtype, max_exponent
+from . import cpu_kernel
 from .torch_states import _Fused
 
 
@@ -30,12 +36,15 @@ def decode_ntk_attention(q, k, v, state, feature_map: FeatureMap, mask, scale: f
     B, H, _, D = q.shape
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // H_kv
+    if mask is not None and (mask.all() if mask.dtype == torch.bool else not mask.any()):
+        mask = None  # nothing masked (generate() passes such masks without padding): the shorter merge
+    kernel = cpu_kernel.compiled() if mask is None and Dv == D else None
+    if kernel is not None:
+        return _compiled_step(kernel, q, k, v, state, feature_map, scale)
     with torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext():
         phi = feature_map(q, scale)  # float32 or float64: the NTK sums need full precision
         # [N | c] of every query head in one batched product, the heads as its batch: [H, B, Dv + 1]
         stats = torch.bmm(phi.view(B, H, -1).transpose(0, 1), state if state.dtype == phi.dtype else state.to(phi.dtype))
-    if mask is not None and (mask.all() if mask.dtype == torch.bool else not mask.any()):
-        mask = None  # nothing masked (generate() passes such masks without padding): the shorter merge
     if mask is not None:
         mask = torch.broadcast_to(additive_mask(mask, q.dtype), (B, H, 1, S)).reshape(B, H_kv, G, S).to(q.dtype)
     if Dv != D:  # the kernel wants one head dim (as in torch_states._Fused)
@@ -57,3 +66,16 @@ def decode_ntk_attention(q, k, v, state, feature_map: FeatureMap, mask, scale: f
     if mask is not None:  # ... and 0 where it has no mass either (c = 0)
         out = out.masked_fill(blind & (stats[..., Dv:] <= 0), 0.0)
     return out.view(B, H, 1, Dv).to(q.dtype)
+
+
+def _compiled_step(kernel, q, k, v, state, feature_map: FeatureMap, scale: float) -> torch.Tensor:
+    dtype = compute_dtype(q)
+    state = state.to(dtype).contiguous()
+    phi = projection = None
+    if type(feature_map) is RandomFeatureMap:  # its features are computed inside the kernel
+        projection = feature_map._scaled_projection(q.shape[-1], q.device, dtype, scale)
+    else:
+        with torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext():
+            phi = feature_map(q, scale).to(dtype).reshape(q.shape[0], q.shape[1], -1).contiguous()
+    normalize = projection is not None and feature_map.normalize
+    return kernel.decode_step(q, k, v, state, phi, projection, normalize, scale, max_exponent(dtype))
