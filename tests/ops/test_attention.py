@@ -405,13 +405,13 @@ def test_decode_step_with_a_prepared_state_equals_the_operator(mask_kind):
     else:
         mask = make_mask(mask_kind, 2, 6, 1, 11, "cpu")
     with torch.no_grad():
-        state = ntk_decode_state(z, kvec, heads=6)
-        out = ntk_decode_step(q, k, v, state, feature_map=fmap, attn_mask=mask)
+        state = ntk_decode_state(z, kvec, heads=6, feature_map=fmap)
+        out = ntk_decode_step(q, k, v, state, attn_mask=mask)
         assert torch.equal(out, ntk_attention(q, k, v, z, kvec, attn_mask=mask, backend="decode"))
         ref = ntk_attention_naive(q, k, v, z, kvec, fmap, False, mask)
     assert_close(out, ref, torch.float32, "output")
-    assert ntk_decode_step(q.repeat(1, 1, 2, 1), k, v, state, feature_map=fmap) is None  # L = 2: not a decode step
-    assert ntk_decode_step(q.requires_grad_(), k, v, state, feature_map=fmap) is None  # a gradient is wanted
+    assert ntk_decode_step(q.repeat(1, 1, 2, 1), k, v, state) is None  # L = 2: not a decode step
+    assert ntk_decode_step(q.requires_grad_(), k, v, state) is None  # a gradient is wanted
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

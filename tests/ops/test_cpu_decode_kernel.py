@@ -34,10 +34,18 @@ def kernel():
     return module
 
 
-def pytorch_ops_step(monkeypatch, *args):
-    with monkeypatch.context() as m:
-        m.setattr(cpu_kernel, "compiled", lambda: None)
-        return torch_decode.decode_ntk_attention(*args)
+class CountingKernel:
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def decode_step(self, *args):
+        self.calls += 1
+        return self.module.decode_step(*args)
+
+
+def ops_step(q, k, v, state, mask, scale):
+    """The same step in PyTorch ops (the kernel's reference)."""
+    return torch_decode.decode_ntk_attention(q, k, v, state.stacked, state.feature_map, mask, scale)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -50,12 +58,14 @@ def test_compiled_step_equals_the_pytorch_ops_and_the_reference(kernel, monkeypa
     q, k, v, z, kvec = (t.detach() for t in make_inputs(B, H, H_kv, 1, S, D, D, fmap, dtype, "cpu", seed=S))
     if state_heads == "kv":
         z, kvec = z[:H_kv], kvec[:H_kv]
-    state = ntk_decode_state(z, kvec, H)
-    calls = []
-    monkeypatch.setattr(torch_decode, "_compiled_step", lambda *a, real=torch_decode._compiled_step: calls.append(1) or real(*a))
-    out = torch_decode.decode_ntk_attention(q, k, v, state, fmap, None, D**-0.5)
-    assert calls, "the compiled kernel was not taken"
-    ops = pytorch_ops_step(monkeypatch, q, k, v, state, fmap, None, D**-0.5)
+    state = ntk_decode_state(z, kvec, H, fmap)
+    counting = CountingKernel(kernel)
+    monkeypatch.setattr(cpu_kernel, "compiled", lambda: counting)
+    out = state(q, k, v, None, D**-0.5)
+    again = state(q, k, v, None, D**-0.5)  # with the arguments kept from the first call
+    assert counting.calls == 2, "the compiled kernel was not taken"
+    assert torch.equal(out, again)
+    ops = ops_step(q, k, v, state, None, D**-0.5)
     ref = ntk_attention_naive(*(t.double() for t in (q, k, v, z, kvec)), fmap, False, None)
     assert out.dtype == dtype and out.shape == (B, H, 1, D)
     assert_close(out.float() if dtype == torch.bfloat16 else out, ops.float() if dtype == torch.bfloat16 else ops,
@@ -74,9 +84,9 @@ def test_compiled_step_edge_states(kernel, monkeypatch, case):
     else:  # every score about -113: e^{-lse} would overflow float32 uncapped
         k = torch.full_like(k, -40.0)
         q = torch.ones_like(q)
-    state = ntk_decode_state(z, kvec, 4)
-    out = torch_decode.decode_ntk_attention(q, k, v, state, fmap, None, 8**-0.5)
-    ops = pytorch_ops_step(monkeypatch, q, k, v, state, fmap, None, 8**-0.5)
+    state = ntk_decode_state(z, kvec, 4, fmap)
+    out = state(q, k, v, None, 8**-0.5)
+    ops = ops_step(q, k, v, state, None, 8**-0.5)
     assert torch.isfinite(out).all()
     assert_close(out, ops, torch.float32, case)
     if case == "zero-state":
@@ -89,8 +99,10 @@ def test_a_mask_that_masks_something_takes_the_pytorch_ops(kernel, monkeypatch):
     q, k, v, z, kvec = (t.detach() for t in make_inputs(2, 4, 2, 1, 9, 8, 8, fmap, torch.float32, "cpu"))
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     mask[1, ..., :3] = False
-    monkeypatch.setattr(torch_decode, "_compiled_step", lambda *a: pytest.fail("a real mask reached the kernel"))
-    out = torch_decode.decode_ntk_attention(q, k, v, ntk_decode_state(z, kvec, 4), fmap, mask, 8**-0.5)
+    counting = CountingKernel(kernel)
+    monkeypatch.setattr(cpu_kernel, "compiled", lambda: counting)
+    out = ntk_decode_state(z, kvec, 4, fmap)(q, k, v, mask, 8**-0.5)
+    assert counting.calls == 0, "a real mask reached the kernel"
     ref = ntk_attention_naive(q, k, v, z, kvec, fmap, False, mask)
     assert_close(out, ref, torch.float32, "masked")
 
@@ -105,12 +117,12 @@ def test_a_failed_build_warns_once_and_the_step_still_computes(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_loaded", {})
     fmap = get_feature_map("random")
     q, k, v, z, kvec = (t.detach() for t in make_inputs(1, 4, 2, 1, 5, 8, 8, fmap, torch.float32, "cpu"))
-    state = ntk_decode_state(z, kvec, 4)
+    state = ntk_decode_state(z, kvec, 4, fmap)
     with pytest.warns(UserWarning, match="could not be built .*cannot find a C\\+\\+ compiler"):
-        out = torch_decode.decode_ntk_attention(q, k, v, state, fmap, None, 8**-0.5)
+        out = state(q, k, v, None, 8**-0.5)
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")
-        torch_decode.decode_ntk_attention(q, k, v, state, fmap, None, 8**-0.5)
+        state(q, k, v, None, 8**-0.5)
     assert not again, "the failed build was retried or warned again"
     assert_close(out, ntk_attention_naive(q, k, v, z, kvec, fmap, False, None), torch.float32, "fallback")
 

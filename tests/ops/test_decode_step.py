@@ -24,11 +24,11 @@ def greedy_logits_with_cache(model, prompt, steps):
 
 
 def test_cached_decoding_matches_full_forward_before_and_after_an_update(monkeypatch):
-    from ntk_attention.ops import attention
+    from ntk_attention.ops.fused.torch_decode import DecodeState
 
     decode_calls = []
-    real_decode = attention.decode_ntk_attention
-    monkeypatch.setattr(attention, "decode_ntk_attention", lambda *a: decode_calls.append(1) or real_decode(*a))
+    real_step = DecodeState.__call__
+    monkeypatch.setattr(DecodeState, "__call__", lambda *a: decode_calls.append(1) or real_step(*a))
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, intermediate_size=64)

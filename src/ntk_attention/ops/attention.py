@@ -12,7 +12,7 @@ import torch
 from .backends import DECODE, TRITON, select_backend
 from .checks import check_mask, check_ntk_state, check_prefix, check_qkv, check_tensor
 from .feature_maps import FeatureMapLike, get_feature_map
-from .fused.torch_decode import decode_ntk_attention
+from .fused.torch_decode import DecodeState
 from .fused.torch_fused import MergedAttention
 from .utils import additive_mask, repeat_kv
 
@@ -100,7 +100,7 @@ def ntk_attention(
         return triton_ntk_attention(q, k, v, z, kvec, fmap, causal, additive_mask(attn_mask, q.dtype), scale)
 
     if chosen is DECODE:
-        return decode_ntk_attention(q, k, v, ntk_decode_state(z, kvec, H), fmap, attn_mask, scale)
+        return ntk_decode_state(z, kvec, H, fmap)(q, k, v, attn_mask, scale)
     # Under autocast these matmuls would run in bfloat16; the NTK sums need full precision.
     with torch.autocast(q.device.type, enabled=False) if torch.is_autocast_enabled(q.device.type) else nullcontext():
         phi = fmap(q, scale)  # [B, H, L, r], float32 or float64
@@ -116,21 +116,22 @@ def ntk_attention(
     )
 
 
-def ntk_decode_state(z: torch.Tensor, kvec: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[Z | k]`` stacked per query head (``[heads, r, D_v + 1]``) for ``ntk_decode_step``: prepared once
-    and reused for every generated token while ``Z`` and ``k`` stay the same."""
-    return repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1), heads)
+def ntk_decode_state(z: torch.Tensor, kvec: torch.Tensor, heads: int, feature_map: FeatureMapLike = "elu") -> DecodeState:
+    """``(Z, k)`` prepared for ``ntk_decode_step``: ``[Z | k]`` stacked per query head
+    (``.stacked [heads, r, D_v + 1]``) with the feature map; made once and reused for every generated
+    token while ``Z`` and ``k`` stay the same (it also keeps the compiled kernel's arguments)."""
+    return DecodeState(repeat_kv(torch.cat([z, kvec.unsqueeze(-1)], dim=-1), heads), get_feature_map(feature_map))
 
 
-def ntk_decode_step(q, k, v, state, *, feature_map: FeatureMapLike, attn_mask=None, scale: float | None = None):
+def ntk_decode_step(q, k, v, state: DecodeState, *, attn_mask=None, scale: float | None = None):
     """``ntk_attention`` for one generation step (``L = 1``, no gradient, CPU) with a state from
-    ``ntk_decode_state``: what ``backend="decode"`` computes, without stacking ``[Z | k]`` and checking
-    the state again at every layer and token. None where the decode backend does not take the inputs
-    (its refusal says why); call ``ntk_attention`` there."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state))
+    ``ntk_decode_state``: what ``backend="decode"`` computes, without preparing the state again at
+    every layer and token. None where the decode backend does not take the inputs (its refusal says
+    why); call ``ntk_attention`` there."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state.stacked))
     if DECODE.refusal(q, k, dropout_p=0.0, has_mask=attn_mask is not None, op="ntk", needs_grad=needs_grad) is not None:
         return None
-    return decode_ntk_attention(q, k, v, state, get_feature_map(feature_map), attn_mask, _scale(scale, q.shape[-1]))
+    return state(q, k, v, attn_mask, _scale(scale, q.shape[-1]))
 
 
 def prefix_attention(

@@ -32,7 +32,7 @@ void merge_rows(const at::Tensor& q, const at::Tensor& o, const at::Tensor& lse,
   const T* state_p = state.data_ptr<T>();   // [H, r, Dv + 1], contiguous
   const T* phi_p = phi_in ? phi_in->data_ptr<T>() : nullptr;           // [B, H, r], contiguous
   const T* w_p = projection ? projection->data_ptr<T>() : nullptr;    // [D, r] times sqrt(scale), contiguous
-  T* out_p = out.data_ptr<T>();             // [B, H, Dv], contiguous
+  T* out_p = out.data_ptr<T>();             // [B, H, 1, Dv], contiguous
   const T log_sqrt_r = static_cast<T>(0.5 * std::log(static_cast<double>(r)));
   const T sqrt_r = static_cast<T>(std::sqrt(static_cast<double>(r)));
 
@@ -89,17 +89,16 @@ at::Tensor decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), H_kv = k.size(1), Dv = v.size(3);
   TORCH_CHECK(state.is_contiguous() && state.size(0) == H && state.size(2) == Dv + 1, "decode_step: state must be [H, r, D_v + 1]");
   const auto dtype = state.scalar_type();
-  auto [o, lse] = [&] {
-    auto res = at::_scaled_dot_product_flash_attention_for_cpu(q.reshape({B, H_kv, H / H_kv, D}), k, v, 0.0, false,
-                                                               c10::nullopt, scale);
-    return std::make_pair(std::get<0>(res).to(dtype), std::get<1>(res).to(dtype));
-  }();
-  auto q_c = q.to(dtype);
-  auto out = at::empty({B, H, Dv}, q_c.options());
+  // Every call here goes through the dispatcher, at every layer and token: convert only what differs.
+  const auto as_compute = [dtype](const at::Tensor& t) { return t.scalar_type() == dtype ? t : t.to(dtype); };
+  auto res = at::_scaled_dot_product_flash_attention_for_cpu(q.reshape({B, H_kv, H / H_kv, D}), k, v, 0.0, false,
+                                                             c10::nullopt, scale);
+  const auto o = as_compute(std::get<0>(res)), lse = as_compute(std::get<1>(res)), q_c = as_compute(q);
+  auto out = at::empty({B, H, 1, Dv}, q_c.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "ntk_decode_step", [&] {
     merge_rows<scalar_t>(q_c, o, lse, state, phi, projection, normalize, scale, cap, out);
   });
-  return out.view({B, H, 1, Dv}).to(q.scalar_type());
+  return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops import FeatureMap, ntk_attention, ntk_decode_state, ntk_decode_step
+from ...ops.fused.torch_decode import DecodeState
 from ..attention_hook import HeadGeometry
 from ..layer import AdapterState, AttentionAdapterLayer
 from .config import NTKConfig
@@ -137,7 +138,7 @@ class NTKState(AdapterState):
             self.z.copy_(z / self.m)
             self.k.copy_(torch.log(torch.expm1(per_token)) if self.k_parametrization == "softplus" else per_token)
 
-    def _inference_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inference_state(self) -> tuple[torch.Tensor, torch.Tensor, DecodeState]:
         """``ntk_state()`` and its decode form computed once per parameter version: without gradient
         they are the same at every layer call of every generated token (a handful of small ops, ~1 ms
         per SmolLM2 token). In-place updates (optimizer steps, ``load_state_dict``, ``set_ntk_state``)
@@ -145,7 +146,7 @@ class NTKState(AdapterState):
         key = tuple((p.data_ptr(), p._version) for p in self._parameters.values())  # not parameters(): a module walk per layer and token
         if getattr(self, "_state_cache", (None,))[0] != key:
             z, kvec = self.ntk_state()
-            self._state_cache = (key, (z, kvec, ntk_decode_state(z, kvec, self.geometry.heads)))
+            self._state_cache = (key, (z, kvec, ntk_decode_state(z, kvec, self.geometry.heads, self.feature_map)))
         return self._state_cache[1]
 
     def forward(self, query, key, value, attention_mask, causal, dropout, scale):
@@ -154,8 +155,7 @@ class NTKState(AdapterState):
         else:
             z, kvec, decode_state = self._inference_state()
             if dropout == 0:
-                out = ntk_decode_step(query, key, value, decode_state, feature_map=self.feature_map,
-                                      attn_mask=attention_mask, scale=scale)
+                out = ntk_decode_step(query, key, value, decode_state, attn_mask=attention_mask, scale=scale)
                 if out is not None:  # a generation step
                     return out
         fmap = self.feature_map
