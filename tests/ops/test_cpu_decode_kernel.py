@@ -107,6 +107,17 @@ def test_a_mask_that_masks_something_takes_the_pytorch_ops(kernel, monkeypatch):
     assert_close(out, ref, torch.float32, "masked")
 
 
+def test_a_large_batch_takes_the_pytorch_ops(kernel, monkeypatch):
+    fmap = get_feature_map("random")
+    rows = torch_decode.KERNEL_MAX_ROWS // 4 + 1  # batch x 4 heads just above the limit
+    q, k, v, z, kvec = (t.detach() for t in make_inputs(rows, 4, 2, 1, 6, 8, 8, fmap, torch.float32, "cpu"))
+    counting = CountingKernel(kernel)
+    monkeypatch.setattr(cpu_kernel, "compiled", lambda: counting)
+    out = ntk_decode_state(z, kvec, 4, fmap)(q, k, v, None, 8**-0.5)
+    assert counting.calls == 0, "a batch of many rows reached the kernel"
+    assert_close(out, ntk_attention_naive(q, k, v, z, kvec, fmap, False, None), torch.float32, "large batch")
+
+
 def test_a_failed_build_warns_once_and_the_step_still_computes(monkeypatch):
     import torch.utils.cpp_extension
 
