@@ -411,6 +411,8 @@ def test_decode_step_with_a_prepared_state_equals_the_operator(mask_kind):
         ref = ntk_attention_naive(q, k, v, z, kvec, fmap, False, mask)
     assert_close(out, ref, torch.float32, "output")
     assert ntk_decode_step(q.repeat(1, 1, 2, 1), k, v, state) is None  # L = 2: not a decode step
+    with pytest.raises(ValueError, match="state is for 6 heads, r = 8 features and D_v = 8"):
+        ntk_decode_step(q[:, :3], k, v, state)
     assert ntk_decode_step(q.requires_grad_(), k, v, state) is None  # a gradient is wanted
 
 

@@ -107,6 +107,14 @@ def test_a_mask_that_masks_something_takes_the_pytorch_ops(kernel, monkeypatch):
     assert_close(out, ref, torch.float32, "masked")
 
 
+def test_a_state_for_another_feature_count_is_refused_not_read_out_of_bounds(kernel):
+    fmap = get_feature_map("random")  # r = D = 8 for these q, but the state below has r = 16
+    q, k, v, _, _ = (t.detach() for t in make_inputs(1, 4, 2, 1, 5, 8, 8, fmap, torch.float32, "cpu"))
+    state = ntk_decode_state(torch.zeros(4, 16, 8), torch.zeros(4, 16), 4, fmap)
+    with pytest.raises(RuntimeError, match="projection must be a contiguous \\[D, r\\].*r = 16"):
+        state(q, k, v, None, 8**-0.5)
+
+
 def test_a_large_batch_takes_the_pytorch_ops(kernel, monkeypatch):
     fmap = get_feature_map("random")
     rows = torch_decode.KERNEL_MAX_ROWS // 4 + 1  # batch x 4 heads just above the limit

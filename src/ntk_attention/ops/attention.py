@@ -128,7 +128,13 @@ def ntk_decode_step(q, k, v, state: DecodeState, *, attn_mask=None, scale: float
     ``ntk_decode_state``: what ``backend="decode"`` computes, without preparing the state again at
     every layer and token. None where the decode backend does not take the inputs (its refusal says
     why); call ``ntk_attention`` there."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state.stacked))
+    stacked = state.stacked
+    r = state.feature_map.feature_dim(q.shape[-1])
+    if stacked.shape[0] != q.shape[1] or stacked.shape[1] != r or stacked.shape[2] != v.shape[-1] + 1:
+        raise ValueError(f"ntk_decode_step: the state is for {stacked.shape[0]} heads, r = {stacked.shape[1]} features "
+                         f"and D_v = {stacked.shape[2] - 1} (stacked {tuple(stacked.shape)}), but q is {tuple(q.shape)} "
+                         f"(r = {r} for its head dim) and v {tuple(v.shape)}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, stacked))
     if DECODE.refusal(q, k, dropout_p=0.0, has_mask=attn_mask is not None, op="ntk", needs_grad=needs_grad) is not None:
         return None
     return state(q, k, v, attn_mask, _scale(scale, q.shape[-1]))

@@ -88,6 +88,13 @@ at::Tensor decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(phi.has_value() != projection.has_value(), "decode_step: give phi or projection, not both");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), H_kv = k.size(1), Dv = v.size(3);
   TORCH_CHECK(state.is_contiguous() && state.size(0) == H && state.size(2) == Dv + 1, "decode_step: state must be [H, r, D_v + 1]");
+  const int64_t r = state.size(1);
+  TORCH_CHECK(k.size(3) == D && Dv == D && H % H_kv == 0, "decode_step: q, k, v must share one head dim, and H_kv divide H");
+  TORCH_CHECK(!projection || (projection->is_contiguous() && projection->size(0) == D && projection->size(1) == r &&
+                              projection->scalar_type() == state.scalar_type()),
+              "decode_step: projection must be a contiguous [D, r] in the state's dtype, r = ", r);
+  TORCH_CHECK(!phi || (phi->is_contiguous() && phi->numel() == B * H * r && phi->scalar_type() == state.scalar_type()),
+              "decode_step: phi must be a contiguous [B, H, r] in the state's dtype, r = ", r);
   const auto dtype = state.scalar_type();
   // Every call here goes through the dispatcher, at every layer and token: convert only what differs.
   const auto as_compute = [dtype](const at::Tensor& t) { return t.scalar_type() == dtype ? t : t.to(dtype); };
