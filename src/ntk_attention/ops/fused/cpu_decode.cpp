@@ -7,7 +7,7 @@
 //
 //     out = (O + w N) / (1 + w max(c, 0)),   w = e^{min(-lse, cap)}.
 //
-// Built on first use by torch.utils.cpp_extension (cpu_decode.py); no mask (callers drop masks that
+// Built on first use by torch.utils.cpp_extension (cpu_kernel.py); no mask (callers drop masks that
 // mask nothing and use the PyTorch path for the rest).
 #include <torch/extension.h>
 

@@ -10,13 +10,14 @@ its ``(O, lse)`` is merged with ``[N | c] = phi(q)^T [Z | k]`` directly:
 
 ``DecodeState`` (``ops.ntk_decode_state``) stacks ``[Z | k]`` per query head once, with the feature
 map; an adapter keeps it for every token (``NTKState`` rebuilds it when its parameters change).
-Calling it is one step: where nothing is masked, the value and key head dims agree and the batch
-is small (a generation step of every tested model at batch 1 to 8) the compiled ``cpu_decode.cpp`` computes it in one call, with its
-arguments prepared once per scale and dtype (``cpu_kernel.py`` builds it; random features are
-computed inside it, other maps are passed in); otherwise ``decode_ntk_attention`` below, which is
-also the kernel's reference. Inside a model the Python around each step costs more than its
-arithmetic (the model's weights have just flushed the caches): keeping the arguments made the
-difference between 0.94x and 0.96x of the base model's tokens/s on SmolLM2.
+Calling it is one step. Where nothing is masked, the value and key head dims agree and the batch is
+small (a generation step of every tested model at batch 1 to 8), the compiled ``cpu_decode.cpp``
+computes it in one call, with its arguments prepared once per scale and dtype (``cpu_kernel.py``
+builds it; random features are computed inside it, other maps are passed in). Otherwise
+``decode_ntk_attention`` below computes it; it is also the kernel's reference. Inside a model the
+Python around each step costs more than its arithmetic (the model's weights have just flushed the
+caches): keeping the arguments made the difference between 0.94x and 0.95-0.96x of the base
+model's tokens/s on SmolLM2.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ def decode_ntk_attention(q, k, v, state, feature_map: FeatureMap, mask, scale: f
     if mask is not None:  # ... and 0 where it has no mass either (c = 0)
         out = out.masked_fill(blind & (stats[..., Dv:] <= 0), 0.0)
     return out.view(B, H, 1, Dv).to(q.dtype)
-
 
 
 # The kernel's per-row loops beat a dozen PyTorch ops for a few rows (batch x heads); for many rows
