@@ -7,6 +7,7 @@ import json
 from tuner_models import build
 
 from ntk_attention.cli import main
+from ntk_attention.ops.fused import cpu_kernel
 
 
 def test_bench_generate_writes_results_and_ntk_state_does_not_grow(tmp_path, capsys):
@@ -17,7 +18,9 @@ def test_bench_generate_writes_results_and_ntk_state_does_not_grow(tmp_path, cap
     assert main(argv) == 0
     assert "| ntk | 64 |" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"bench_generate.json", "bench_generate.md", "bench_generate.png"}
-    rows = {(r["method"], r["m"]): r for r in json.loads((out / "bench_generate.json").read_text())["results"]}
+    written = json.loads((out / "bench_generate.json").read_text())
+    assert written["setup"]["cpu_decode_kernel"] == (cpu_kernel.compiled() is not None)  # which decode path ran
+    rows = {(r["method"], r["m"]): r for r in written["results"]}
     assert set(rows) == {("base", None), ("ntk", 4), ("ntk", 64), ("prefix", 4), ("prefix", 64)}
     assert rows[("ntk", 4)]["adapter_mib"] == rows[("ntk", 64)]["adapter_mib"] > 0
     assert rows[("prefix", 64)]["adapter_mib"] == 16 * rows[("prefix", 4)]["adapter_mib"]

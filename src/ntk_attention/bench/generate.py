@@ -26,6 +26,7 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict
 
 from ..io import save_figure, write_json, write_text
+from ..ops.fused import cpu_kernel
 from ..tuners import NTKConfig, PrefixConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -198,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "rounds": args.rounds,
         "torch": torch.__version__, "load_average": os.getloadavg(),
+        # which path NTK's decode steps took on CPU: the compiled kernel, or PyTorch ops without a compiler
+        "cpu_decode_kernel": args.device == "cpu" and cpu_kernel.compiled() is not None,
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
