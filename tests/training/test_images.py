@@ -196,8 +196,11 @@ def test_suite_extracts_the_named_classes_in_label_order(tmp_path, archive):
     assert not os.path.exists(tmp_path / "data" / "images" / "train" / "dog")  # only what the suite needs
     table = D.load_table(train)
     assert D.check_table(table, "image-classification", D.Columns(), train) == 2
+    before = S.data_fingerprint((train, evaluation))
     again = S.prepare_data(suite, os.path.dirname(archive), str(tmp_path / "data"))
-    assert S.data_fingerprint(again) == S.data_fingerprint((train, evaluation))
+    assert S.data_fingerprint(again) == before
+    _image(tmp_path / "data" / rows["eval"][0]["image"], 2, seed=99)  # the same rows, another picture
+    assert S.data_fingerprint(again) != before
 
 
 def test_suite_names_a_class_the_archive_lacks(tmp_path, archive):
@@ -206,6 +209,8 @@ def test_suite_names_a_class_the_archive_lacks(tmp_path, archive):
         S.prepare_data(suite, os.path.dirname(archive), str(tmp_path / "data"))
 
 
-def test_image_suite_needs_label_names(tmp_path, archive):
+def test_image_suite_needs_label_names_and_two_splits(tmp_path, archive):
     with pytest.raises(ValueError, match="label_names"):
         _suite(tmp_path, archive)
+    with pytest.raises(ValueError, match="the same split"):
+        _suite(tmp_path, archive, label_names=["cat", "dog"], eval=f"{os.path.basename(archive)}:train")

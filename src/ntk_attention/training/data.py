@@ -337,6 +337,9 @@ def archive_images(archive: str, split: str, classes: list[str], folder: str, co
     many, drawn with ``seed`` as evenly over the classes as their sizes allow; only those are extracted."""
     if not os.path.isfile(archive):
         raise ValueError(f"image archive {archive!r} does not exist")
+    bad = [name for name in classes if name in ("", ".", "..") or "/" in name]
+    if bad:  # a class is one folder name; anything else could extract outside ``folder``
+        raise ValueError(f"image archive {archive!r}: {bad} are not class folder names")
     found: dict[str, list[str]] = {}
     with tarfile.open(archive) as tar:  # a first pass lists the names; extraction is a second, streamed one
         for member in tar:

@@ -104,6 +104,8 @@ def load_suite(path: str) -> Suite:
             _fail(path, "[data] label_names must list the archive's class folders to keep (at least 2), in label order")
         if "holdout" in data or not all(":" in str(data.get(key, "")) for key in ("train", "eval")):
             _fail(path, "[data] train and eval must be ARCHIVE:SPLIT (a tar archive of <split>/<class>/<image>)")
+        if data["train"].rpartition(":")[2] == data["eval"].rpartition(":")[2]:
+            _fail(path, "[data] train and eval name the same split; the reported images must be others")
     budget = raw.get("budget", {})
     unknown = sorted(set(budget) - BUDGET_FIELDS)
     if unknown:
