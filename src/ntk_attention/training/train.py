@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def columns_from(args) -> D.Columns:
     return D.Columns(text=args.text_column, text_pair=getattr(args, "text_pair_column", None), label=args.label_column,
-                     prompt=args.prompt_field, answer=args.answer_field, image=args.image_column)
+                     prompt=args.prompt_field, answer=args.answer_field, image=getattr(args, "image_column", "image"))
 
 
 def prepare(args) -> dict:
