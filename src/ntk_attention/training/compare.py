@@ -387,7 +387,7 @@ def apply_suite(args) -> dict | None:
         setattr(args, key, value)
     data_folder = os.path.join(args.work_dir, suite.name, "data")
     args.data, args.eval_data = S.prepare_data(suite, args.data_root or S.default_data_root(), data_folder)
-    args.text_column = "text" if suite.task != "causal-lm" else None
+    args.text_column = "text" if suite.task in ("classification", "language-modeling") else None
     args.text_pair_column = "text_pair" if "text_pair" in suite.data else None
     return {"file": args.suite, "name": suite.name, "description": suite.description, "task": suite.task,
             "metric": suite.metric, "higher_is_better": suite.higher_is_better, "model": suite.model,

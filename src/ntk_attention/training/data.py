@@ -1,12 +1,16 @@
 """Data for training and evaluation: load a table, check it, carve a validation slice, tokenize.
 
-Three tasks:
+Four tasks:
 - ``classification``: a text column (and optionally a second text column for sentence pairs) and an
   integer label column (0 .. num_labels-1).
 - ``causal-lm``: a prompt field and an answer field; the loss is on the answer tokens only and the
   prompt goes through the tokenizer's chat template when it has one.
 - ``language-modeling``: a text column; the texts are joined (each ended by EOS) and cut into blocks
   of ``max_length`` tokens, the loss is on every token, and perplexity is ``exp`` of the mean loss.
+- ``image-classification``: an image column of file paths (relative ones are relative to the data
+  file's folder) and an integer label column; the model's image processor turns them into
+  ``pixel_values`` as batches are drawn. ``archive_images`` extracts such rows from a tar archive in
+  ImageFolder layout (``<split>/<class>/<image>``, CIFAR-10's JPEG release).
 
 A data source is a local ``.tsv`` / ``.csv`` / ``.jsonl`` / ``.json`` file, or, for users with the
 Hugging Face hub, ``NAME:SPLIT`` or ``NAME:CONFIG:SPLIT`` (e.g. ``nyu-mll/glue:sst2:train``).
@@ -18,11 +22,15 @@ from __future__ import annotations
 import csv
 import importlib.resources
 import os
+import random
+import tarfile
 from dataclasses import dataclass
 
 import datasets
 
-TASKS = ("classification", "causal-lm", "language-modeling")
+TASKS = ("classification", "causal-lm", "language-modeling", "image-classification")
+CLASSIFICATION_TASKS = ("classification", "image-classification")  # a label per row, a new head
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 FILE_BUILDERS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 
@@ -41,6 +49,7 @@ class Columns:
     label: str = "label"
     prompt: str = "question"
     answer: str = "answer"
+    image: str = "image"  # image-classification: the column of image file paths
 
 
 def load_table(source: str) -> datasets.Dataset:
@@ -100,13 +109,15 @@ def _load_hub(spec: str) -> datasets.Dataset:
 def infer_task(table: datasets.Dataset, columns: Columns) -> str:
     """``classification`` when the label column is there, ``causal-lm`` when prompt and answer are."""
     names = table.column_names
+    if columns.label in names and columns.image in names:
+        return "image-classification"
     if columns.label in names:
         return "classification"
     if columns.prompt in names and columns.answer in names:
         return "causal-lm"
     raise ValueError(
         f"cannot tell the task from columns {names}: expected a label column {columns.label!r} "
-        f"(classification) or prompt/answer fields {columns.prompt!r}/{columns.answer!r} (causal-lm); "
+        f"(classification; with an image column {columns.image!r}: image-classification) or prompt/answer fields {columns.prompt!r}/{columns.answer!r} (causal-lm); "
         "name them with --label-column or --prompt-field/--answer-field"
     )
 
@@ -127,11 +138,17 @@ def text_column(table: datasets.Dataset, columns: Columns, source: str) -> str:
 
 
 def check_classification(table: datasets.Dataset, columns: Columns, source: str, num_labels: int | None = None) -> int:
-    """Check the label column holds integers in 0 .. num_labels-1; return num_labels. When it is None,
-    it is the largest label + 1 and every class below it must occur."""
+    """Check the text column, and that the label column holds integers in 0 .. num_labels-1; return
+    num_labels. When it is None, it is the largest label + 1 and every class below it must occur."""
+    if columns.label in table.column_names:  # a missing label column is check_labels' error, and the first
+        text_column(table, columns, source)
+    return check_labels(table, columns, source, num_labels)
+
+
+def check_labels(table: datasets.Dataset, columns: Columns, source: str, num_labels: int | None = None) -> int:
+    """The label half of ``check_classification``, shared with images."""
     if columns.label not in table.column_names:
         raise ValueError(f"data {source!r} has no label column {columns.label!r} (columns: {table.column_names})")
-    text_column(table, columns, source)
     labels = []
     for row, value in enumerate(table[columns.label]):
         label = _as_int(value)
@@ -169,6 +186,29 @@ def _as_int(value) -> int | None:
     return None
 
 
+def image_paths(table: datasets.Dataset, columns: Columns, source: str) -> list[str]:
+    """The image column's paths, relative ones taken from the data file's folder (so a data folder can move)."""
+    if columns.image not in table.column_names:
+        raise ValueError(f"data {source!r} has no image column {columns.image!r} (columns: {table.column_names})")
+    folder = os.path.dirname(source) if os.path.isfile(source) else ""
+    return [os.path.join(folder, str(path)) for path in table[columns.image]]
+
+
+def check_images(table: datasets.Dataset, columns: Columns, source: str, num_labels: int | None = None) -> int:
+    """Image classification: every image file exists and PIL can read it; labels as for text."""
+    from PIL import Image, UnidentifiedImageError
+
+    for row, path in enumerate(image_paths(table, columns, source)):
+        if not os.path.isfile(path):
+            raise ValueError(f"data {source!r}, row {row + 1}: image file {path!r} does not exist")
+        try:
+            with Image.open(path) as image:
+                image.verify()  # reads the whole file without decoding the pixels
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"data {source!r}, row {row + 1}: image file {path!r} is not a readable image ({error})") from None
+    return check_labels(table, columns, source, num_labels)
+
+
 def check_causal(table: datasets.Dataset, columns: Columns, source: str) -> None:
     """Check the prompt and answer fields exist and hold text."""
     for field in (columns.prompt, columns.answer):
@@ -180,11 +220,13 @@ def check_causal(table: datasets.Dataset, columns: Columns, source: str) -> None
 
 
 def check_table(table: datasets.Dataset, task: str, columns: Columns, source: str, num_labels: int | None = None):
-    """Run the checks for ``task``; return num_labels for classification, None for causal-lm."""
+    """Run the checks for ``task``; return num_labels for (image) classification, None otherwise."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if task == "classification":
         return check_classification(table, columns, source, num_labels)
+    if task == "image-classification":
+        return check_images(table, columns, source, num_labels)
     if task == "language-modeling":
         check_texts(table, columns, source)
         return None
@@ -234,6 +276,24 @@ def encode_classification(table: datasets.Dataset, tokenizer, text: str, label: 
     return table.map(encode, batched=True, remove_columns=table.column_names, desc="tokenize")
 
 
+def encode_images(table: datasets.Dataset, processor, columns: Columns, source: str):
+    """``pixel_values`` and ``labels``, made by the model's image processor when a batch is drawn (decoded
+    images would take 600 kB each at 224 pixels)."""
+    table = table.add_column("_path", image_paths(table, columns, source))
+
+    def encode(batch):
+        from PIL import Image
+
+        images = []
+        for path in batch["_path"]:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        encoded = processor(images, return_tensors="pt")
+        return {"pixel_values": encoded["pixel_values"], "labels": [int(value) for value in batch[columns.label]]}
+
+    return table.with_transform(encode)
+
+
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of the prompt as the model sees it before its answer (chat template if any)."""
     if getattr(tokenizer, "chat_template", None):
@@ -267,3 +327,64 @@ def encode_blocks(table: datasets.Dataset, tokenizer, text: str, block_size: int
     blocks = [ids[i * block_size:(i + 1) * block_size] for i in range(count)]
     return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * count,
                                        "labels": blocks})
+
+
+def archive_images(archive: str, split: str, classes: list[str], folder: str, count: int | None = None,
+                   seed: int = 0) -> list[dict]:
+    """Extract the images of ``split/<class>/`` for ``classes`` from a tar archive (ImageFolder layout,
+    e.g. CIFAR-10's ``train/dog/0001.jpg``) into ``folder/<split>/<class>/``; return rows
+    ``{"image": path, "label": index in classes}`` in an order shuffled with ``seed``. ``count`` keeps that
+    many, drawn with ``seed`` as evenly over the classes as their sizes allow; only those are extracted."""
+    if not os.path.isfile(archive):
+        raise ValueError(f"image archive {archive!r} does not exist")
+    bad = [name for name in classes if name in ("", ".", "..") or "/" in name]
+    if bad:  # a class is one folder name; anything else could extract outside ``folder``
+        raise ValueError(f"image archive {archive!r}: {bad} are not class folder names")
+    found: dict[str, list[str]] = {}
+    with tarfile.open(archive) as tar:  # a first pass lists the names; extraction is a second, streamed one
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and parts[0] == split and parts[2].lower().endswith(IMAGE_SUFFIXES):
+                found.setdefault(parts[1], []).append(member.name)
+    if not found:
+        raise ValueError(f"image archive {archive!r} has no images under {split + '/'!r} (<split>/<class>/<image>)")
+    missing = [name for name in classes if name not in found]
+    if missing:
+        raise ValueError(f"image archive {archive!r}: classes {missing} are not under {split + '/'!r} "
+                         f"(classes there: {sorted(found)})")
+    rng = random.Random(seed)
+    chosen = {}
+    wanted = _balanced(count, [len(found[name]) for name in classes], archive)
+    for label, name in enumerate(classes):
+        names = sorted(found[name])
+        rng.shuffle(names)
+        chosen.update((member, label) for member in names[:wanted[label]])
+    rows = []
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if member.name in chosen:
+                path = os.path.join(folder, member.name)  # split/class/file, checked above: no "..", no absolute path
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with tar.extractfile(member) as source, open(path, "wb") as target:
+                    target.write(source.read())
+                rows.append({"image": path, "label": chosen[member.name]})
+    rows.sort(key=lambda row: row["image"])
+    random.Random(seed).shuffle(rows)  # the first rows of the file are a mix of classes (eval_size takes them)
+    return rows
+
+
+def _balanced(count: int | None, sizes: list[int], source: str) -> list[int]:
+    """How many to take of each class: ``count`` split as evenly as the class sizes allow (None: all)."""
+    if count is None:
+        return sizes
+    if not 0 < count <= sum(sizes):
+        raise ValueError(f"{source}: cannot draw {count} images from {sum(sizes)}")
+    taken = [0] * len(sizes)
+    while count:
+        open_classes = [i for i, size in enumerate(sizes) if taken[i] < size]
+        share = max(1, count // len(open_classes))
+        for i in open_classes:
+            step = min(share, sizes[i] - taken[i], count)
+            taken[i] += step
+            count -= step
+    return taken

@@ -3,7 +3,7 @@
 The folder's ``training_run.json`` names the base model, task, method and columns, so nothing else
 is needed. ``--model NAME_OR_DIR`` alone scores an untuned causal LM, the baseline of a comparison; with
 ``--adapter`` it names the base model to put the adapter on (the recorded one lives on another machine).
-Prints one JSON object: ``accuracy`` and ``loss`` for classification; ``loss`` (answer tokens only)
+Prints one JSON object: ``accuracy`` and ``loss`` for (image) classification; ``loss`` (answer tokens only)
 and ``exact_match`` of the final number, greedy decoding, for causal LM.
 """
 
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     add_data_arguments(parser)
     # Columns default to what the adapter was trained with (--model: the causal-lm defaults).
-    parser.set_defaults(label_column=None, prompt_field=None, answer_field=None)
+    parser.set_defaults(label_column=None, prompt_field=None, answer_field=None, image_column=None)
 
 
 def final_number(text: str) -> str | None:
@@ -100,6 +100,7 @@ def evaluate(args) -> dict:
         label=args.label_column or run.get("label_column", "label"),
         prompt=args.prompt_field or run.get("prompt_field", "question"),
         answer=args.answer_field or run.get("answer_field", "answer"),
+        image=args.image_column or run.get("image_column", "image"),
     )
     table = D.load_table(args.data)
     if columns.text is None and run.get("text_column") in table.column_names:

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from . import data as D
 
 SAFE_WEIGHTS_NAME = "model.safetensors"  # the file Trainer reloads for non-PEFT models
-DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512, "language-modeling": 256}
+DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512, "language-modeling": 256,
+                      "image-classification": None}  # images: the processor's size
 SCORES = ("accuracy", "mcc", "loss")  # what evaluation reports; perplexity follows from the loss
 
 
@@ -79,7 +80,9 @@ class MethodTrainer(transformers.Trainer):
 
 
 def encode(table, tokenizer, task: str, columns: D.Columns, max_length: int, source: str):
-    """``table`` tokenized as the Trainer's input for ``task``."""
+    """``table`` as the Trainer's input for ``task``; ``tokenizer`` is the image processor for images."""
+    if task == "image-classification":
+        return D.encode_images(table, tokenizer, columns, source)
     if task == "classification":
         return D.encode_classification(table, tokenizer, D.text_column(table, columns, source), columns.label, max_length,
                                        columns.text_pair)
@@ -116,7 +119,7 @@ def named_scores(metrics: dict, task: str, prefix: str = "eval_") -> dict:
 
 
 def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str], train_data=None, eval_data=None):
-    classification = settings.task == "classification"
+    classification = settings.task in D.CLASSIFICATION_TASKS
     has_eval = eval_data is not None
     args = transformers.TrainingArguments(
         output_dir=settings.output_dir,
@@ -133,7 +136,9 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
         load_best_model_at_end=has_eval,
         metric_for_best_model=settings.metric or ("accuracy" if classification else "loss"),
         greater_is_better=(settings.metric or ("accuracy" if classification else "loss")) != "loss",
-        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
+        # images have no length to group by
+        train_sampling_strategy="group_by_length" if settings.group_by_length and settings.task != "image-classification"
+        else "random",
         seed=settings.seed,
         data_seed=settings.seed,  # the shuffle must not depend on what else drew random numbers first
         logging_steps=10,
@@ -143,8 +148,9 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
         remove_unused_columns=False,  # encoded data holds model inputs only; wrappers hide forward's signature
         label_names=["labels"],
     )
-    collator = (transformers.DataCollatorWithPadding(tokenizer) if classification
-                else transformers.default_data_collator if settings.task == "language-modeling"  # equal blocks
+    collator = (transformers.DataCollatorWithPadding(tokenizer) if settings.task == "classification"
+                # equal blocks; images of the processor's one size
+                else transformers.default_data_collator if settings.task in ("language-modeling", "image-classification")
                 else transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
     trainer = MethodTrainer(
         model=model,

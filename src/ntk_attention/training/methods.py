@@ -5,8 +5,9 @@ how a loaded base model becomes trainable, and its default learning rate and lea
 ``ntk`` and ``prefix`` read their defaults from their config classes (``NTKConfig`` /
 ``PrefixConfig``), so a tuner method keeps its training defaults beside its fields.
 
-Head policy, the same for every method: on a classification task the freshly initialised head
-always trains (``head_modules``).
+Head policy, the same for every method: on a classification task (text or image) the freshly
+initialised head always trains (``head_modules``). Image models go through PEFT without a task type
+(its sequence-classification wrapper passes ``input_ids``, a ViT takes ``pixel_values``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from ..tuners import METHODS as TUNER_METHODS
 from ..tuners.config import AdapterConfig
 from ..tuners.ntk.config import fold_feature_options
+from .data import CLASSIFICATION_TASKS
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,12 @@ def _with_heads(config, head_modules: list[str]):
 
 
 def _lora_config(task: str, options: dict):
-    """r=8 on PEFT's per-architecture targets (query/value for BERT, q_proj/v_proj for Llama)."""
+    """r=8 on PEFT's per-architecture targets (query/value for BERT, q_proj/v_proj for Llama; PEFT has
+    none for ViT: give ``target_modules=q_proj,v_proj``, its names in transformers 5)."""
     import peft
 
     defaults = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
-    task_type = peft.TaskType.SEQ_CLS if task == "classification" else peft.TaskType.CAUSAL_LM
+    task_type = {"classification": peft.TaskType.SEQ_CLS, "image-classification": None}.get(task, peft.TaskType.CAUSAL_LM)
     return _config_from_fields(peft.LoraConfig, "lora", {**defaults, **options, "task_type": task_type})
 
 
@@ -73,7 +76,8 @@ def _build_adapter(base, config, head_modules, gguf_file):
     import peft
 
     config = _with_heads(config, head_modules)
-    config.task_type = "SEQ_CLS" if head_modules else "CAUSAL_LM" if base.can_generate() else None
+    text = base.main_input_name == "input_ids"  # not pixel_values
+    config.task_type = ("SEQ_CLS" if head_modules else "CAUSAL_LM" if base.can_generate() else None) if text else None
     config.gguf_file = gguf_file
     return peft.get_peft_model(base, config)
 
@@ -123,7 +127,7 @@ def method_config(name: str, task: str, options: dict):
     if method.make_config is None:
         if options:
             raise ValueError(f"method {name!r} takes no --config options, got {sorted(options)}")
-        if name == "head" and task != "classification":
+        if name == "head" and task not in CLASSIFICATION_TASKS:
             raise ValueError("method 'head' trains a classification head; it needs a classification task")
         return None
     return method.make_config(task, options)

@@ -1,5 +1,9 @@
 """Models for training: check and load the base, save and reload the trained result.
 
+Text tasks read their inputs with the model's tokenizer, ``image-classification`` with its image
+processor (``load_processor`` gives whichever the task needs); an image classifier always gets a new
+head of the task's classes, since a pretrained one is for the pretraining classes.
+
 The methods that make a base trainable are in ``methods.py``. ``save_trained`` / ``load_trained``
 write and read a folder that records everything ``ntk-attn eval`` needs (``training_run.json``).
 """
@@ -69,6 +73,26 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+def load_processor(model: str, task: str, gguf_file: str | None = None):
+    """The tokenizer of a text model, or the image processor of an image model (ValueError when the model
+    has none: ``check_image_processor`` runs before any model is loaded)."""
+    if task == "image-classification":
+        return check_image_processor(model)
+    return load_tokenizer(model, gguf_file)
+
+
+def check_image_processor(model: str):
+    """The model's image processor; ValueError naming the folder when it has none (a ViT saved without
+    ``ViTImageProcessor.save_pretrained``)."""
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "preprocessor_config.json")):
+        raise ValueError(f"model folder {model!r} has no image processor (preprocessor_config.json): save one "
+                         "beside the model, e.g. ViTImageProcessor(...).save_pretrained(folder)")
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"model {model!r}: its image processor could not be loaded ({error})") from None
+
+
 def load_tokenizer(model: str, gguf_file: str | None = None):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model, **_gguf(gguf_file))
     if tokenizer.pad_token is None:
@@ -83,6 +107,8 @@ def load_base(model: str, task: str, *, num_labels: int | None = None, gguf_file
             model, num_labels=num_labels, output_loading_info=True, dtype=torch.float32, **_gguf(gguf_file)
         )
         head = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    elif task == "image-classification":
+        base, head = _image_classifier(model, num_labels)
     else:
         base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **_gguf(gguf_file))
         head = []
@@ -91,8 +117,31 @@ def load_base(model: str, task: str, *, num_labels: int | None = None, gguf_file
         # transformers de-quantises GGUF weights to float32 on load but keeps the GGUF "quantizer",
         # and Trainer refuses to train a "quantized" model that is not a PEFT model.
         quantizer.remove_quantization_config(base)
-    if base.config.pad_token_id is None and pad_token_id is not None:
+    if pad_token_id is not None and base.config.pad_token_id is None:  # images: no pad token, no such field
         base.config.pad_token_id = pad_token_id  # sequence classification finds the last token by it
+    return base, head
+
+
+def _image_classifier(model: str, num_labels: int):
+    """An image classifier with a new head of ``num_labels`` classes, and that head's module names."""
+    base, info = transformers.AutoModelForImageClassification.from_pretrained(
+        model, num_labels=num_labels, id2label={i: f"LABEL_{i}" for i in range(num_labels)},
+        label2id={f"LABEL_{i}": i for i in range(num_labels)}, ignore_mismatched_sizes=True,
+        output_loading_info=True, dtype=torch.float32)
+    new = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+    head = sorted({key.rsplit(".", 1)[0] for key in new})
+    if not head:
+        # the pretrained head has as many classes as this task, but they are the pretraining classes
+        classifier = getattr(base, "classifier", None)
+        if not isinstance(classifier, torch.nn.Module):
+            raise ValueError(f"model {model!r}: its head has {num_labels} outputs already and no module named "
+                             "'classifier' to start anew")
+        # as a new head starts (ViT's _init_weights, which transformers 5 skips for loaded weights)
+        for layer in classifier.modules():
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.trunc_normal_(layer.weight, std=getattr(base.config, "initializer_range", 0.02))
+                torch.nn.init.zeros_(layer.bias)
+        head = ["classifier"]
     return base, head
 
 
@@ -171,7 +220,7 @@ def read_run(folder: str) -> dict:
     with open(path) as handle:
         run = json.load(handle)
     missing = [key for key in ("base_model", "task", "method") if key not in run]
-    if missing or run["method"] not in methods.NAMES or run["task"] not in ("classification", "causal-lm"):
+    if missing or run["method"] not in methods.NAMES or run["task"] not in ("classification", "causal-lm", "image-classification"):
         raise ValueError(f"{path}: invalid run record (missing {missing} or unknown method/task)")
     return run
 
@@ -185,17 +234,18 @@ def load_trained(folder: str, model: str | None = None, gguf_file: str | None = 
     run = read_run(folder)
     method, task = run["method"], run["task"]
     if method == "full":
-        tokenizer = load_tokenizer(folder)
-        auto = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
+        tokenizer = load_processor(folder, task)
+        auto = {"classification": transformers.AutoModelForSequenceClassification,
+                "image-classification": transformers.AutoModelForImageClassification}.get(task, transformers.AutoModelForCausalLM)
         return auto.from_pretrained(folder, dtype=torch.float32), tokenizer, run
     if model is not None:
         check_model_source(model, gguf_file)
         base_model = model
     else:
         base_model, gguf_file = resolve_reference(run["base_model"]), run.get("gguf_file")
-    tokenizer = load_tokenizer(base_model, gguf_file)
+    tokenizer = load_processor(base_model, task, gguf_file)
     base, _ = load_base(base_model, task, num_labels=run.get("num_labels"),
-                        gguf_file=gguf_file, pad_token_id=tokenizer.pad_token_id)
+                        gguf_file=gguf_file, pad_token_id=getattr(tokenizer, "pad_token_id", None))
     if method == "head":
         state = load_file(os.path.join(folder, HEAD_FILE))
         missing = sorted(set(state) - set(base.state_dict()))

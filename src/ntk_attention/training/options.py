@@ -20,6 +20,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--text-column", default=None, help="classification / language-modeling text column (default: the only column besides the label)")
     group.add_argument("--text-pair-column", default=None, help="classification: second text of a sentence pair (e.g. hypothesis)")
     group.add_argument("--label-column", default="label", help="integer class label column (default: label)")
+    group.add_argument("--image-column", default="image",
+                       help="image-classification: column of image file paths, relative to the data file's folder (default: image)")
     group.add_argument("--prompt-field", default="question", help="causal-lm prompt field (default: question)")
     group.add_argument("--answer-field", default="answer", help="causal-lm answer field (default: answer)")
     group.add_argument("--max-length", type=positive_int, default=None, help="truncate inputs to this many tokens (default 128, causal-lm 512; language-modeling: the block length, 256)")

@@ -4,7 +4,10 @@ A suite file names the data and how to read it, the model, the budget, the varia
 learning-rate grids, and the seeds; see ``benchmarks/suites/README.md`` for every field. The data is
 read from ``--data-root`` (default ``$NTK_ATTN_DATA``, else ``../shared/data``), turned into the
 columns ``ntk-attn train`` reads, and written once to ``<work-dir>/<name>/data/`` (train and
-reported split); the reported split is never used to choose anything.
+reported split); the reported split is never used to choose anything. An ``image-classification``
+suite names a tar archive in ImageFolder layout and a split in it (``ARCHIVE:SPLIT``) and the classes
+it keeps (``label_names``, in label order); only the images the budget needs are extracted, into
+``<work-dir>/<name>/data/images/``.
 
 After each suite run ``<out-dir>/suite.json`` and ``suite.md`` are rebuilt from every suite result in
 ``<out-dir>``: per task the metric, the model and per variant its method, trainable parameters
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -29,7 +33,7 @@ from .plots import draw_methods
 # metric -> (what train/compare report it from, higher is better)
 METRICS = {"accuracy": True, "mcc": True, "perplexity": False, "exact_match": True, "loss": False}
 TASKS = {"classification": ("accuracy", "mcc"), "causal-lm": ("exact_match", "loss"),
-         "language-modeling": ("perplexity",)}
+         "language-modeling": ("perplexity",), "image-classification": ("accuracy", "mcc")}
 TOP_FIELDS = {"name", "description", "task", "metric", "model", "gguf_file", "data", "budget", "variants", "lr_grid",
               "seeds", "main_variants", "ntk_adapter_max_params"}
 DATA_FIELDS = {"train", "eval", "format", "columns", "text", "text_pair", "label", "label_names", "holdout",
@@ -94,6 +98,14 @@ def load_suite(path: str) -> Suite:
         _fail(path, f"[data] unknown fields {unknown} (known: {sorted(DATA_FIELDS)})")
     if "eval" not in data and "holdout" not in data:
         _fail(path, "[data] needs 'eval' (the reported split) or 'holdout' (carve it from 'train' with a seed)")
+    if task == "image-classification":
+        names = data.get("label_names")
+        if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n and "/" not in n for n in names):
+            _fail(path, "[data] label_names must list the archive's class folders to keep (at least 2), in label order")
+        if "holdout" in data or not all(":" in str(data.get(key, "")) for key in ("train", "eval")):
+            _fail(path, "[data] train and eval must be ARCHIVE:SPLIT (a tar archive of <split>/<class>/<image>)")
+        if data["train"].rpartition(":")[2] == data["eval"].rpartition(":")[2]:
+            _fail(path, "[data] train and eval name the same split; the reported images must be others")
     budget = raw.get("budget", {})
     unknown = sorted(set(budget) - BUDGET_FIELDS)
     if unknown:
@@ -213,9 +225,51 @@ def canonical_rows(rows: list[dict], suite: Suite, source: str) -> list[dict]:
     return out
 
 
+def image_rows(suite: Suite, data_root: str, folder: str) -> tuple[list[dict], list[dict]]:
+    """Image classification: the training and reported images of ``label_names`` extracted from the
+    archives into ``folder/images/``, as rows ``{"image": path relative to folder, "label"}``. As many
+    training images as the budget's ``train_size`` plus its validation slice and ``eval_size``
+    reported ones (all when not set), drawn with seed 0 as evenly over the classes as they allow."""
+    import shutil
+
+    from .data import archive_images
+
+    budget, splits = suite.budget, []
+    train_size, validation = budget.get("train_size"), budget.get("validation", 0.1)
+    train_count = None
+    if train_size is not None:  # the route carves round(validation * n) rows (a fraction) or that many
+        train_count = train_size + int(validation) if validation >= 1 else math.ceil(train_size / (1 - validation))
+        while validation < 1 and train_count - int(round(validation * train_count)) < train_size:
+            train_count += 1
+    for key, count in (("train", train_count), ("eval", budget.get("eval_size"))):
+        archive, _, split = suite.data[key].rpartition(":")
+        target = os.path.join(folder, "images")
+        shutil.rmtree(os.path.join(target, split), ignore_errors=True)  # an earlier budget's images
+        rows = archive_images(os.path.join(data_root, archive), split, suite.data["label_names"], target, count)
+        splits.append([{"image": os.path.relpath(row["image"], folder), "label": row["label"]} for row in rows])
+    return splits[0], splits[1]
+
+
 def prepare_data(suite: Suite, data_root: str, folder: str) -> tuple[str, str]:
     """Write the suite's training rows and reported split as JSON lines into ``folder``; return both paths.
     Rewritten only when their content changes, so cached runs keep seeing the same files."""
+    data = suite.data
+    if suite.task == "image-classification":
+        train_rows, eval_rows = image_rows(suite, data_root, folder)
+    else:
+        train_rows, eval_rows = _text_rows(suite, data_root)
+    paths = []
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        path = os.path.join(folder, f"{split}.jsonl")
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        if not os.path.isfile(path) or Path(path).read_text() != text:
+            write_text(path, text)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _text_rows(suite: Suite, data_root: str) -> tuple[list[dict], list[dict]]:
+    """The training rows and the reported split of a text task, in the columns ``ntk-attn train`` reads."""
     data = suite.data
     train_rows = _read_rows(os.path.join(data_root, data["train"]), data, suite.path)
     if "holdout" in data:
@@ -231,21 +285,20 @@ def prepare_data(suite: Suite, data_root: str, folder: str) -> tuple[str, str]:
         train_rows = [row for i, row in enumerate(train_rows) if i not in reported]
     else:
         eval_rows = _read_rows(os.path.join(data_root, data["eval"]), data, suite.path)
-    paths = []
-    for split, rows in (("train", train_rows), ("eval", eval_rows)):
-        path = os.path.join(folder, f"{split}.jsonl")
-        rows = canonical_rows(rows, suite, f"{data.get(split, data['train'])} ({split})")
-        text = "".join(json.dumps(row) + "\n" for row in rows)
-        if not os.path.isfile(path) or Path(path).read_text() != text:
-            write_text(path, text)
-        paths.append(path)
-    return paths[0], paths[1]
+    return tuple(canonical_rows(rows, suite, f"{data.get(split, data['train'])} ({split})")
+                 for split, rows in (("train", train_rows), ("eval", eval_rows)))
 
 
 def data_fingerprint(paths) -> str:
+    """The prepared files' bytes, and those of the images their rows name (paths relative to the file)."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(Path(path).read_bytes())
+        text = Path(path).read_bytes()
+        digest.update(text)
+        for line in text.splitlines():
+            row = json.loads(line) if line.startswith(b"{") and b'"image"' in line else {}
+            if isinstance(row.get("image"), str):
+                digest.update(Path(os.path.dirname(path), row["image"]).read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -28,7 +28,8 @@ from .options import add_run_arguments, parse_options
 
 
 # what picks the learning rate and the best epoch on the validation slice, per task (the first is the default)
-SELECTION_METRICS = {"classification": ("accuracy", "mcc"), "causal-lm": ("loss",), "language-modeling": ("loss",)}
+SELECTION_METRICS = {"classification": ("accuracy", "mcc"), "causal-lm": ("loss",), "language-modeling": ("loss",),
+                     "image-classification": ("accuracy", "mcc")}
 
 
 def default_model() -> str:
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def columns_from(args) -> D.Columns:
     return D.Columns(text=args.text_column, text_pair=getattr(args, "text_pair_column", None), label=args.label_column,
-                     prompt=args.prompt_field, answer=args.answer_field)
+                     prompt=args.prompt_field, answer=args.answer_field, image=getattr(args, "image_column", "image"))
 
 
 def prepare(args) -> dict:
@@ -71,9 +72,10 @@ def prepare(args) -> dict:
     columns = columns_from(args)
     table = D.load_table(train_source)
     task = D.infer_task(table, columns) if args.task == "auto" else args.task
-    if args.num_labels is not None and (task != "classification" or args.num_labels < 2):
+    classification = task in D.CLASSIFICATION_TASKS
+    if args.num_labels is not None and (not classification or args.num_labels < 2):
         raise ValueError(f"--num-labels {args.num_labels}: a classification task needs at least 2 classes"
-                         if task == "classification" else "--num-labels is for classification data")
+                         if classification else "--num-labels is for classification data")
     num_labels = D.check_table(table, task, columns, train_source, args.num_labels)
     eval_table = None
     if eval_source is not None:
@@ -86,6 +88,8 @@ def prepare(args) -> dict:
     if args.init_from is not None:
         M.check_prefix_start(args.init_from, args.method, task, model)
     M.check_model_source(model, args.gguf_file)
+    if task == "image-classification":
+        M.check_image_processor(model)
     metric = args.metric or SELECTION_METRICS[task][0]
     if metric not in SELECTION_METRICS[task]:
         raise ValueError(f"--metric {metric} does not apply to {task}; expected one of {SELECTION_METRICS[task]}")
@@ -128,7 +132,7 @@ def train(args) -> dict:
         if not args.resume:
             C.remove_checkpoints(checkpoint_root)
     task, columns = plan["task"], plan["columns"]
-    tokenizer = M.load_tokenizer(plan["model"], args.gguf_file)
+    tokenizer = M.load_processor(plan["model"], task, args.gguf_file)  # an image processor for images
     max_length = args.max_length or DEFAULT_MAX_LENGTH[task]
     train_source, eval_source = plan["sources"]
     encoded = {name: encode(plan[name], tokenizer, task, columns, max_length, source)
@@ -141,7 +145,7 @@ def train(args) -> dict:
         torch.manual_seed(args.seed)  # the new head's and the method's initialisation
         if args.init_from is None:
             base, head_modules = M.load_base(plan["model"], task, num_labels=plan["num_labels"],
-                                             gguf_file=args.gguf_file, pad_token_id=tokenizer.pad_token_id)
+                                             gguf_file=args.gguf_file, pad_token_id=getattr(tokenizer, "pad_token_id", None))
             model = methods.build_method_model(base, args.method, plan["method_config"], head_modules, args.gguf_file)
         else:
             model, head_modules = M.ntk_from_prefix_adapter(args.init_from, parse_options(args.config))
@@ -150,7 +154,7 @@ def train(args) -> dict:
             learning_rate=learning_rate, head_learning_rate=learning_rate if args.method == "head" else args.head_lr,
             epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, group_by_length=args.group_by_length,
             # causal-LM logits are [batch, length, vocabulary]: 64 rows of SmolLM2 at 384 tokens are 4.8 GB
-            eval_batch_size=args.batch_size if task != "classification" else 64,
+            eval_batch_size=args.batch_size if task not in D.CLASSIFICATION_TASKS else 64,
             save_full_checkpoints=args.method == "full",
         )
         trainer = make_trainer(model, tokenizer, settings, head_modules, encoded["train"], encoded["validation"])
@@ -187,7 +191,8 @@ def train(args) -> dict:
     adapter_dir = os.path.join(output_dir, "adapter")
     record = {
         "base_model": plan["model"], "gguf_file": args.gguf_file, "task": task, "num_labels": plan["num_labels"],
-        "text_column": columns.text, "text_pair_column": columns.text_pair, "label_column": columns.label, "prompt_field": columns.prompt,
+        "text_column": columns.text, "text_pair_column": columns.text_pair, "label_column": columns.label,
+        "image_column": columns.image, "prompt_field": columns.prompt,
         "answer_field": columns.answer, "max_length": max_length, "head_modules": head_modules,
         "learning_rate": entry["learning_rate"], "validation": entry["validation"], "train_data": train_source,
         "init_from": args.init_from,
@@ -235,7 +240,7 @@ def _best_epoch(trainer) -> float | None:
 
 
 def print_summary(result: dict) -> None:
-    metric = "accuracy" if result["task"] == "classification" else "loss"
+    metric = "accuracy" if result["task"] in D.CLASSIFICATION_TASKS else "loss"
     split = "eval" if "eval" in result["after"] else "validation"
     lines = [
         f"method {result['method']} on {result['model']}",
