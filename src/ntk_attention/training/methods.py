@@ -76,8 +76,12 @@ def _build_adapter(base, config, head_modules, gguf_file):
     import peft
 
     config = _with_heads(config, head_modules)
-    text = base.main_input_name == "input_ids"  # not pixel_values
-    config.task_type = ("SEQ_CLS" if head_modules else "CAUSAL_LM" if base.can_generate() else None) if text else None
+    if base.main_input_name != "input_ids":  # an image model: PEFT's task wrappers pass input_ids
+        config.task_type = None
+    elif head_modules:
+        config.task_type = "SEQ_CLS"
+    else:
+        config.task_type = "CAUSAL_LM" if base.can_generate() else None
     config.gguf_file = gguf_file
     return peft.get_peft_model(base, config)
 
