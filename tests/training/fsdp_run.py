@@ -64,7 +64,9 @@ def main() -> None:
     error = max((gathered[n] - expected[n]).abs().max().item() for n in expected)
     moved = max((expected[n] - start[n]).abs().max().item() for n in expected)
     if rank == 0:
-        print(f"max_error={error} moved={moved} tensors={len(expected)}")
+        print(f"max_error={error} moved={moved} tensors={len(expected)}", flush=True)
+    # every rank finishes its collectives before teardown: without it gloo aborted rank 0 at exit once (a busy machine)
+    dist.barrier()
     dist.destroy_process_group()
 
 
