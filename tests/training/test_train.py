@@ -150,3 +150,30 @@ def test_saved_folder_is_replaced_whole(tmp_path, tiny_bert):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
     assert torch.equal(load_file(str(folder / M.HEAD_FILE))["classifier.weight"], model.classifier.weight)
     assert parse_options([]) == {}
+
+
+def test_language_modeling_run_is_evaluated_again_from_its_folder(tmp_path, capsys, tiny_llama):
+    """A language-modeling run (WikiText-2's task) reloads for ``eval --adapter`` like the other tasks."""
+    texts = [f"article {i}: " + " ".join(f"word{(i * j) % 11}" for j in range(40)) for i in range(24)]
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:20]))
+    test.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[20:]))
+    result = run_train(tmp_path, tiny_llama, str(train), str(test), "--task", "language-modeling", "--method", "ntk",
+                       "--lr", "1e-2", "--max-length", "32", "--validation", "4")
+    assert M.read_run(result["adapter"])["task"] == "language-modeling"
+    evaluated = run_eval(capsys, "--adapter", result["adapter"], "--data", str(test))
+    assert evaluated["task"] == "language-modeling"
+    assert evaluated["loss"] == pytest.approx(result["after"]["eval"]["loss"], rel=1e-4)
+    assert evaluated["perplexity"] == pytest.approx(result["after"]["eval"]["perplexity"], rel=1e-4)
+
+
+@pytest.mark.parametrize("record, named", [
+    ({"task": "classification", "method": "ntk"}, "missing ['base_model']"),
+    ({"base_model": "m", "task": "classification", "method": "adapterX"}, "unknown method 'adapterX'"),
+    ({"base_model": "m", "task": "translation", "method": "ntk"}, "unknown task 'translation'"),
+])
+def test_a_run_record_that_cannot_be_loaded_names_what_is_wrong(tmp_path, record, named):
+    (tmp_path / M.RUN_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="invalid run record") as error:
+        M.read_run(str(tmp_path))
+    assert named in str(error.value)

@@ -20,6 +20,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from . import methods
+from .data import TASKS
 RUN_FILE = "training_run.json"  # what eval needs: base model, task, method, columns
 HEAD_FILE = "head.safetensors"  # the trained head of a `head` run
 
@@ -220,8 +221,12 @@ def read_run(folder: str) -> dict:
     with open(path) as handle:
         run = json.load(handle)
     missing = [key for key in ("base_model", "task", "method") if key not in run]
-    if missing or run["method"] not in methods.NAMES or run["task"] not in ("classification", "causal-lm", "image-classification"):
-        raise ValueError(f"{path}: invalid run record (missing {missing} or unknown method/task)")
+    if missing:
+        raise ValueError(f"{path}: invalid run record: missing {missing}")
+    if run["method"] not in methods.NAMES:
+        raise ValueError(f"{path}: invalid run record: unknown method {run['method']!r} (known: {sorted(methods.NAMES)})")
+    if run["task"] not in TASKS:
+        raise ValueError(f"{path}: invalid run record: unknown task {run['task']!r} (known: {list(TASKS)})")
     return run
 
 
