@@ -60,3 +60,23 @@ def test_evaluate_does_not_import_train():
     code = ("import sys, ntk_attention.training.evaluate; "
             "assert 'ntk_attention.training.train' not in sys.modules, 'evaluate imported train'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_peft_method_gets_the_same_task_wrapper():
+    """LoRA, NTK and prefix choose PEFT's task wrapper by one rule: the base's inputs and head."""
+    import peft
+    import transformers as tf
+
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64}
+    bases = {  # task: (a base, its head, PEFT's wrapper, LoRA's targets)
+        "classification": (lambda: tf.BertForSequenceClassification(tf.BertConfig(vocab_size=64, **small)), ["classifier"],
+                           peft.PeftModelForSequenceClassification, ["query", "value"]),
+        "causal-lm": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, **small)), [], peft.PeftModelForCausalLM,
+                      ["q_proj", "v_proj"]),
+        "image-classification": (lambda: tf.ViTForImageClassification(tf.ViTConfig(image_size=8, patch_size=4, **small)),
+                                 ["classifier"], peft.PeftModel, ["q_proj", "v_proj"]),
+    }
+    for task, (make, head, wrapper, targets) in bases.items():
+        for name, options in (("lora", {"target_modules": targets}), ("ntk", {}), ("prefix", {})):
+            model = methods.build_method_model(make(), name, methods.method_config(name, task, options), head)
+            assert type(model) is wrapper, (task, name, type(model).__name__)

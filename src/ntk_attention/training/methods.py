@@ -62,26 +62,31 @@ def _lora_config(task: str, options: dict):
     import peft
 
     defaults = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
-    task_type = {"classification": peft.TaskType.SEQ_CLS, "image-classification": None}.get(task, peft.TaskType.CAUSAL_LM)
-    return _config_from_fields(peft.LoraConfig, "lora", {**defaults, **options, "task_type": task_type})
+    return _config_from_fields(peft.LoraConfig, "lora", {**defaults, **options})
+
+
+def _peft_task_type(base, head_modules) -> str | None:
+    """PEFT's task wrapper for this base, one rule for every PEFT method."""
+    if base.main_input_name != "input_ids":  # an image model: PEFT's task wrappers pass input_ids
+        return None
+    if head_modules:
+        return "SEQ_CLS"
+    return "CAUSAL_LM" if base.can_generate() else None
 
 
 def _build_lora(base, config, head_modules, gguf_file):
     import peft
 
-    return peft.get_peft_model(base, _with_heads(config, head_modules))
+    config = _with_heads(config, head_modules)
+    config.task_type = _peft_task_type(base, head_modules)
+    return peft.get_peft_model(base, config)
 
 
 def _build_adapter(base, config, head_modules, gguf_file):
     import peft
 
     config = _with_heads(config, head_modules)
-    if base.main_input_name != "input_ids":  # an image model: PEFT's task wrappers pass input_ids
-        config.task_type = None
-    elif head_modules:
-        config.task_type = "SEQ_CLS"
-    else:
-        config.task_type = "CAUSAL_LM" if base.can_generate() else None
+    config.task_type = _peft_task_type(base, head_modules)
     config.gguf_file = gguf_file
     return peft.get_peft_model(base, config)
 
