@@ -25,8 +25,11 @@ import os
 import random
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
+
+from ..io import write_atomically
 
 TASKS = ("classification", "causal-lm", "language-modeling", "image-classification")
 CLASSIFICATION_TASKS = ("classification", "image-classification")  # a label per row, a new head
@@ -364,9 +367,11 @@ def archive_images(archive: str, split: str, classes: list[str], folder: str, co
         for member in tar:
             if member.name in chosen:
                 path = os.path.join(folder, member.name)  # split/class/file, checked above: no "..", no absolute path
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with tar.extractfile(member) as source, open(path, "wb") as target:
-                    target.write(source.read())
+                with tar.extractfile(member) as source:
+                    content = source.read()
+                if not (os.path.isfile(path) and Path(path).read_bytes() == content):
+                    # atomically, and only when it differs: a run of the same suite may be reading it
+                    write_atomically(path, lambda tmp: Path(tmp).write_bytes(content))
                 rows.append({"image": path, "label": chosen[member.name]})
     rows.sort(key=lambda row: row["image"])
     random.Random(seed).shuffle(rows)  # the first rows of the file are a mix of classes (eval_size takes them)

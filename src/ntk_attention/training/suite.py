@@ -230,8 +230,6 @@ def image_rows(suite: Suite, data_root: str, folder: str) -> tuple[list[dict], l
     archives into ``folder/images/``, as rows ``{"image": path relative to folder, "label"}``. As many
     training images as the budget's ``train_size`` plus its validation slice and ``eval_size``
     reported ones (all when not set), drawn with seed 0 as evenly over the classes as they allow."""
-    import shutil
-
     from .data import archive_images
 
     budget, splits = suite.budget, []
@@ -243,9 +241,10 @@ def image_rows(suite: Suite, data_root: str, folder: str) -> tuple[list[dict], l
             train_count += 1
     for key, count in (("train", train_count), ("eval", budget.get("eval_size"))):
         archive, _, split = suite.data[key].rpartition(":")
-        target = os.path.join(folder, "images")
-        shutil.rmtree(os.path.join(target, split), ignore_errors=True)  # an earlier budget's images
-        rows = archive_images(os.path.join(data_root, archive), split, suite.data["label_names"], target, count)
+        # images an earlier budget drew stay on disk (no row names them): deleting them could pull a file
+        # from under another compare of this suite that is training now
+        rows = archive_images(os.path.join(data_root, archive), split, suite.data["label_names"],
+                              os.path.join(folder, "images"), count)
         splits.append([{"image": os.path.relpath(row["image"], folder), "label": row["label"]} for row in rows])
     return splits[0], splits[1]
 
