@@ -203,7 +203,6 @@ def test_suite_extracts_the_named_classes_in_label_order(tmp_path, archive):
     assert S.data_fingerprint(again) != before
 
 
-
 def test_preparing_the_data_again_leaves_the_images_in_place(tmp_path, archive):
     """A second compare of the same suite (possibly while the first trains) rewrites no image it drew,
     and puts back one that was changed, atomically (a new file, not the reader's one)."""
@@ -211,19 +210,18 @@ def test_preparing_the_data_again_leaves_the_images_in_place(tmp_path, archive):
     data = tmp_path / "data"
     train, _ = S.prepare_data(suite, os.path.dirname(archive), str(data))
     paths = [data / json.loads(line)["image"] for line in open(train)]
-    held = open(paths[0], "rb")  # a training process reading one image
-    original = held.read()
     stamps = {path: os.stat(path).st_ino for path in paths}
     _image(paths[1], 2, seed=99)  # changed behind our back
-    S.prepare_data(suite, os.path.dirname(archive), str(data))
+    with open(paths[0], "rb") as held:  # a training process reading one image
+        original = held.read()
+        S.prepare_data(suite, os.path.dirname(archive), str(data))
+        held.seek(0)
+        assert held.read() == original
     unchanged = [paths[0], *paths[2:]]
     assert {path: os.stat(path).st_ino for path in unchanged} == {path: stamps[path] for path in unchanged}
     with tarfile.open(archive) as tar:
         name = os.path.relpath(paths[1], data / "images")
         assert paths[1].read_bytes() == tar.extractfile(name).read()  # restored from the archive
-    held.seek(0)
-    assert held.read() == original
-    held.close()
 
 
 def test_suite_names_a_class_the_archive_lacks(tmp_path, archive):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import methods
 from .data import TASKS
+
 RUN_FILE = "training_run.json"  # what eval needs: base model, task, method, columns
 HEAD_FILE = "head.safetensors"  # the trained head of a `head` run
 
