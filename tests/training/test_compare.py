@@ -174,3 +174,45 @@ def test_a_cached_run_of_an_older_default_is_refused(tmp_path):
     config_file.write_text(json.dumps({**saved, "feature_map": "taylor:degree=2", "k_init": 0.01}))
     with pytest.raises(ValueError, match=r"feature_map 'taylor:degree=2' \(asked: '.*'\), k_init 0.01 \(asked: 0.0\)"):
         check_run(result, parse_variant("ntk"), 0, [1e-3], str(folder))
+
+
+def test_compare_replaces_its_own_earlier_copy_but_not_a_changed_one(tmp_path, monkeypatch):
+    """A new best NTK variant replaces the adapter an earlier call copied for the same comparison; a copy
+    edited since, or one of another comparison, is left alone and the call refused."""
+    from ntk_attention.training import compare
+    from ntk_attention.training.compare import COPY_RECORD, write_results
+
+    monkeypatch.setattr(compare, "markdown_table", lambda record: "")  # the adapter copy is under test here
+    monkeypatch.setattr(compare, "plot", lambda record, prefix: None)
+
+    def run_folder(label: str, payload: bytes) -> str:
+        folder = tmp_path / "work" / label / "seed0" / "adapter"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(payload)
+        return str(folder)
+
+    def record(label: str, adapter: str) -> dict:
+        return {"methods": {label: {"method": "ntk", "trainable_params_excl_head": 10, "learning_rate": 1e-3,
+                                    "validation_grid": {"0.001": 0.5}, "dev_accuracy": 0.5, "adapter": adapter}}}
+
+    out = tmp_path / "results"
+    target = out / "task" / "ntk"
+    write_results(str(out), "task", record("ntk", run_folder("ntk", b"first")))
+    assert (target / "adapter_model.safetensors").read_bytes() == b"first"
+    assert json.loads((target / COPY_RECORD).read_text())["variant"] == "ntk"
+    second = record("ntk-kv", run_folder("ntk-kv", b"second"))
+    write_results(str(out), "task", second)
+    assert (target / "adapter_model.safetensors").read_bytes() == b"second"
+    assert json.loads((target / COPY_RECORD).read_text())["variant"] == "ntk-kv"
+    assert sorted(p.name for p in (out / "task").iterdir()) == ["ntk"]  # nothing left beside it
+    # A copy recorded for another comparison, or one changed by hand: refused, the folder untouched.
+    first = record("ntk", str(tmp_path / "work" / "ntk" / "seed0" / "adapter"))
+    copy = json.loads((target / COPY_RECORD).read_text())
+    (target / COPY_RECORD).write_text(json.dumps({**copy, "comparison": "other"}))
+    with pytest.raises(ValueError, match="compare did not copy there for 'task'"):
+        write_results(str(out), "task", first)
+    (target / COPY_RECORD).write_text(json.dumps(copy))
+    (target / "adapter_model.safetensors").write_bytes(b"edited")
+    with pytest.raises(ValueError, match="does not delete what it did not write"):
+        write_results(str(out), "task", first)
+    assert (target / "adapter_model.safetensors").read_bytes() == b"edited"

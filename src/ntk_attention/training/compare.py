@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import hashlib
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..cli import non_negative_int, positive_int
 from ..io import save_figure, write_json, write_text
@@ -166,7 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=os.path.join("runs", "compare"), help="checkpoints and per-run results")
     parser.add_argument("--ntk-adapter-max-params", type=non_negative_int, default=None, metavar="N",
                         help="copy to <out-dir>/<name>/ntk/ the best NTK variant (on validation) among those with at "
-                             "most N trainable parameters besides the head (default: any)")
+                             "most N trainable parameters besides the head (default: any); a copy an earlier call made is "
+                             "replaced, anything else there refused")
     parser.add_argument("--machine-note", default="", help="recorded with the results, e.g. 'shared 2-core CPU'")
     # Exactly train's options, forwarded to every run when given (train's defaults otherwise).
     add_run_arguments(parser)
@@ -532,16 +535,18 @@ def write_results(out_dir: str, name: str, record: dict, max_params: int | None 
         source = None
         if not os.path.exists(target):
             print(f"the best NTK variant {best!r} has no adapter left to copy to {target}", flush=True)
+    up_to_date = os.path.exists(target) and ((kept_copy and source is None) or bool(source and same_files(source, target)))
     # Checked before anything is written, so the JSON never names an adapter the folder does not hold.
-    if os.path.exists(target) and not (kept_copy and source is None) and (source is None or not same_files(source, target)):
+    if os.path.exists(target) and not up_to_date and not (source and copied_by(target, name)):
         raise ValueError(f"{target} holds an adapter that is not this comparison's best NTK variant "
-                         f"({best or 'none qualifies'}); compare does not delete what it did not write in this "
-                         "call: move it away or choose another --out-dir / --name")
+                         f"({best or 'none qualifies'}) and that compare did not copy there for {name!r} (or it "
+                         "changed since): compare does not delete what it did not write; move it away or choose "
+                         "another --out-dir / --name")
     os.makedirs(out_dir, exist_ok=True)
     if best:
         record["best_ntk_variant"] = best
-        if source and not os.path.exists(target):
-            copy_folder(source, target)
+        if source and not up_to_date:
+            copy_folder(source, target, {"comparison": name, "variant": best})
     write_json(os.path.join(out_dir, f"{name}.json"), record)
     table = markdown_table(record)
     write_text(os.path.join(out_dir, f"{name}.md"), table)
@@ -549,25 +554,56 @@ def write_results(out_dir: str, name: str, record: dict, max_params: int | None 
     print(table)
 
 
+COPY_RECORD = "copied_by_compare.json"  # in a copied adapter: which comparison copied it, and its files' hashes
+
+
+def file_hashes(folder: str) -> dict[str, str]:
+    """sha256 of every file in ``folder`` except the copy record."""
+    return {n: hashlib.sha256(Path(folder, n).read_bytes()).hexdigest() for n in sorted(os.listdir(folder))
+            if n != COPY_RECORD}
+
+
+def copied_by(target: str, name: str) -> bool:
+    """``target`` is a copy that compare made for comparison ``name`` and nobody has changed since: compare
+    may replace it (anything else in its place is left alone)."""
+    try:
+        with open(os.path.join(target, COPY_RECORD)) as handle:
+            copy = json.load(handle)
+        return copy["comparison"] == name and copy["files"] == file_hashes(target)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def same_files(a: str, b: str) -> bool:
-    """Both folders hold the same file names with the same bytes."""
-    names = sorted(os.listdir(a))
-    if not os.path.isdir(b) or sorted(os.listdir(b)) != names:
+    """Both folders hold the same file names with the same bytes (the copy record aside)."""
+    names = sorted(n for n in os.listdir(a) if n != COPY_RECORD)
+    if not os.path.isdir(b) or sorted(n for n in os.listdir(b) if n != COPY_RECORD) != names:
         return False
     return all(filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)
 
 
-def copy_folder(source: str, target: str) -> None:
-    """Copy into a hidden folder beside ``target``, then rename it into place: never half a copy."""
+def copy_folder(source: str, target: str, copy: dict) -> None:
+    """Copy into a hidden folder beside ``target`` with the copy record, then rename it into place (an earlier
+    copy moves aside first and is removed last): never half a copy."""
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".copying-", dir=parent)
+    replaced = None
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
+        write_json(os.path.join(staging, COPY_RECORD), {**copy, "source": source, "files": file_hashes(staging)})
+        if os.path.exists(target):
+            replaced = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+            os.rename(target, os.path.join(replaced, "ntk"))
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if replaced and not os.path.exists(target):  # put the earlier copy back
+            os.rename(os.path.join(replaced, "ntk"), target)
         raise
+    finally:
+        if replaced and os.path.exists(target):
+            shutil.rmtree(replaced, ignore_errors=True)
 
 
 def validation_score(summary: dict) -> float:
