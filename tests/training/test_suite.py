@@ -93,6 +93,11 @@ def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data)
     assert ntk["mean"] == pytest.approx(np.mean(ntk["per_seed"])) and ntk["std"] == pytest.approx(np.std(ntk["per_seed"], ddof=1))
     assert task["methods"]["head"]["trainable_params"] == 0
     assert "| ntk |" in (out / "suite.md").read_text()
+    assert task["title"] == "tiny-rte" and task["task"] == "classification"  # no title in the file: its name
+    lead = S.lead_table(summary).splitlines()
+    assert lead[2].startswith(f"| tiny-rte | {task['methods']['head']['mean']:.3f} | ")
+    assert "ntk_vs_lora" in task and f"**{task['ntk_vs_lora']['difference']:+.3f}**" in lead[2]
+    assert (out / "suite.md").read_text().startswith("\n".join(lead))
     assert (out / "tiny-rte-params.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
     # the yardstick: the NTK variant at or under LoRA's count that is best on validation, minus LoRA on dev
@@ -242,6 +247,8 @@ def test_headerless_tsv_and_label_names_with_booleans(tmp_path):
      "main_variants \\['lora'\\]"),
     ('name = "a b"\ntask = "classification"\nmetric = "accuracy"\nvariants = ["ntk"]\n[data]\ntrain = "t"\neval = "e"\n',
      "plain file name"),
+    ('name = "a"\ntitle = "a | b"\ntask = "classification"\nmetric = "accuracy"\nvariants = ["ntk"]\n[data]\ntrain = "t"\neval = "e"\n',
+     "title must be one line"),
 ])
 def test_bad_suite_files_name_the_field(tmp_path, body, message):
     path = tmp_path / "s.toml"

@@ -392,7 +392,7 @@ def apply_suite(args) -> dict | None:
     args.data, args.eval_data = S.prepare_data(suite, args.data_root or S.default_data_root(), data_folder)
     args.text_column = "text" if suite.task in ("classification", "language-modeling") else None
     args.text_pair_column = "text_pair" if "text_pair" in suite.data else None
-    return {"file": args.suite, "name": suite.name, "description": suite.description, "task": suite.task,
+    return {"file": args.suite, "name": suite.name, "title": suite.title, "description": suite.description, "task": suite.task,
             "metric": suite.metric, "higher_is_better": suite.higher_is_better, "model": suite.model,
             "main_variants": suite.main_variants, "data": suite.data,
             "data_sha256": S.data_fingerprint([args.data, args.eval_data])}

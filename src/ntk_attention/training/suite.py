@@ -34,7 +34,7 @@ from .plots import draw_methods
 METRICS = {"accuracy": True, "mcc": True, "perplexity": False, "exact_match": True, "loss": False}
 TASKS = {"classification": ("accuracy", "mcc"), "causal-lm": ("exact_match", "loss"),
          "language-modeling": ("perplexity",), "image-classification": ("accuracy", "mcc")}
-TOP_FIELDS = {"name", "description", "task", "metric", "model", "gguf_file", "data", "budget", "variants", "lr_grid",
+TOP_FIELDS = {"name", "title", "description", "task", "metric", "model", "gguf_file", "data", "budget", "variants", "lr_grid",
               "seeds", "main_variants", "ntk_adapter_max_params"}
 DATA_FIELDS = {"train", "eval", "format", "columns", "text", "text_pair", "label", "label_names", "holdout",
                "prompt", "answer"}
@@ -58,6 +58,7 @@ class Suite:
     seeds: list[int]
     main_variants: list[str] = field(default_factory=list)
     ntk_adapter_max_params: int | None = None
+    title: str = ""  # the task's row in the cross-task table, e.g. "SST-2 accuracy (MiniLM-L6)"
 
     @property
     def higher_is_better(self) -> bool:
@@ -90,6 +91,8 @@ def load_suite(path: str) -> Suite:
         _fail(path, f"metric for task {task!r} must be one of {TASKS[task]}, got {metric!r}")
     if not isinstance(raw["name"], str) or not re.fullmatch(r"[A-Za-z0-9._-]+", raw["name"]):
         _fail(path, f"name must be a plain file name, got {raw['name']!r}")
+    if not isinstance(raw.get("title", ""), str) or "|" in raw.get("title", "") or "\n" in raw.get("title", ""):
+        _fail(path, f"title must be one line of text without '|', got {raw['title']!r}")
     data = raw["data"]
     if not isinstance(data, dict) or "train" not in data:
         _fail(path, "[data] needs at least 'train'")
@@ -128,7 +131,7 @@ def load_suite(path: str) -> Suite:
                  model=raw["model"], gguf_file=raw.get("gguf_file"), data=data, budget=budget, variants=variants,
                  lr_grid={k: [float(x) for x in v] for k, v in grid.items()}, seeds=seeds,
                  main_variants=list(raw.get("main_variants", [])),
-                 ntk_adapter_max_params=raw.get("ntk_adapter_max_params"))
+                 ntk_adapter_max_params=raw.get("ntk_adapter_max_params"), title=raw.get("title") or raw["name"])
 
 
 def default_data_root() -> str:
@@ -321,15 +324,15 @@ def write_summary(out_dir: str) -> dict:
                               "mean": m[f"dev_{metric}"], "std": m[f"dev_{metric}_std"], "seeds": len(m["seeds"]) or 1,
                               "per_seed": m[f"dev_{metric}_per_seed"], "learning_rate": m["learning_rate"],
                               "config": m["config"]}
-        tasks[suite["name"]] = {"metric": metric, "higher_is_better": suite["higher_is_better"],
-                                "model": suite["model"], "file": file.name, "command": record["command"],
+        tasks[suite["name"]] = {"title": suite.get("title") or suite["name"], "task": suite["task"], "metric": metric,
+                                "higher_is_better": suite["higher_is_better"], "model": suite["model"], "file": file.name, "command": record["command"],
                                 "main_variants": suite.get("main_variants", []), "methods": methods,
                                 "ntk_vs_lora": ntk_against(record["methods"], suite["higher_is_better"], metric, "lora"),
                                 "ntk_vs_prefix": ntk_against(record["methods"], suite["higher_is_better"], metric,
                                                              "prefix-m16", full_state_only=True)}
     summary = {"tasks": tasks}
     write_json(os.path.join(out_dir, "suite.json"), summary)
-    write_text(os.path.join(out_dir, "suite.md"), summary_table(summary))
+    write_text(os.path.join(out_dir, "suite.md"), lead_table(summary) + "\n" + summary_table(summary))
     if tasks:
         summary_plot(summary, os.path.join(out_dir, "suite.png"))
     return summary
@@ -386,6 +389,46 @@ def summary_plot(summary: dict, path: str) -> None:
     figure.tight_layout()
     save_figure(path, figure)
     plt.close(figure)
+
+
+TASK_ORDER = ("classification", "language-modeling", "causal-lm", "image-classification")  # the lead table's row order
+
+
+def lead_table(summary: dict) -> str:
+    """The README's table: one row per task (its title), the suites' main labels (``base`` or ``head``,
+    ``lora``, ``prefix-m16``, ``ntk``, ``full``) and the two NTK yardsticks; mean ± std over seeds (or
+    "seed 0"), trainable parameters besides a new head in brackets."""
+    def short(n: int) -> str:
+        return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{round(n / 1e3)}k" if n >= 1000 else str(n)
+
+    def cell(task: dict, label: str, digits: int) -> str:
+        m = task["methods"].get(label)
+        if m is None:
+            return ""
+        value, notes = f"{m['mean']:.{digits}f}", [short(m["trainable_params"])] if m["trainable_params"] else []
+        if m["seeds"] > 1:
+            value += f" ± {m['std']:.{digits}f}"
+        elif m["method"] not in ("base", "head"):
+            notes.append("seed 0")
+        return value + (f" ({', '.join(notes)})" if notes else "")
+
+    lines = ["| task | untuned / head only | LoRA r = 8 | prefix m = 16 | NTK default | best NTK at or under LoRA's "
+             "count (on validation) | NTK minus LoRA | best NTK at prefix m = 16's decode memory, minus prefix | "
+             "full fine-tuning |", "|---|---|---|---|---|---|---|---|---|"]
+    tasks = summary["tasks"]
+    order = sorted(tasks, key=lambda name: (TASK_ORDER.index(tasks[name]["task"]), name))
+    for name in order:
+        task = tasks[name]
+        digits = 2 if task["metric"] == "perplexity" else 3
+        lora, prefix = task.get("ntk_vs_lora"), task.get("ntk_vs_prefix")
+        cells = [task["title"], cell(task, "base", digits) or cell(task, "head", digits), cell(task, "lora", digits),
+                 cell(task, "prefix-m16", digits), cell(task, "ntk", digits),
+                 f"{lora['ntk']}: {cell(task, lora['ntk'], digits)}" if lora else "",
+                 f"**{lora['difference']:+.{digits}f}**" if lora else "",
+                 f"{prefix['ntk']}: **{prefix['difference']:+.{digits}f}**" if prefix else "no NTK variant that small",
+                 cell(task, "full", digits)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_table(summary: dict) -> str:
