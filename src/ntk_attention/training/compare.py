@@ -588,18 +588,19 @@ def copy_folder(source: str, target: str, copy: dict) -> None:
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".copying-", dir=parent)
-    replaced = None
+    replaced, aside = None, None
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
         write_json(os.path.join(staging, COPY_RECORD), {**copy, "source": source, "files": file_hashes(staging)})
         if os.path.exists(target):
             replaced = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
-            os.rename(target, os.path.join(replaced, "ntk"))
+            aside = os.path.join(replaced, os.path.basename(target))
+            os.rename(target, aside)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if replaced and not os.path.exists(target):  # put the earlier copy back
-            os.rename(os.path.join(replaced, "ntk"), target)
+        if aside and not os.path.exists(target):  # put the earlier copy back
+            os.rename(aside, target)
         raise
     finally:
         if replaced and os.path.exists(target):
