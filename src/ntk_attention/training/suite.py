@@ -413,7 +413,8 @@ def lead_table(summary: dict) -> str:
         return value + (f" ({', '.join(notes)})" if notes else "")
 
     lines = ["| task | untuned / head only | LoRA r = 8 | prefix m = 16 | NTK default | best NTK at or under LoRA's "
-             "count (on validation) | NTK minus LoRA | best NTK at prefix m = 16's decode memory, minus prefix | "
+             "count (on validation) | NTK minus LoRA (+: NTK ahead) | best NTK at prefix m = 16's decode memory, minus "
+             "prefix (+: NTK ahead) | "
              "full fine-tuning |", "|---|---|---|---|---|---|---|---|---|"]
     tasks = summary["tasks"]
     order = sorted(tasks, key=lambda name: (TASK_ORDER.index(tasks[name]["task"]), name))
