@@ -125,6 +125,9 @@ def test_variant_and_grid_specs():
     variants = [parse_variant("lora"), parse_variant("p64=prefix:num_virtual_tokens=64")]
     assert (variants[1].label, variants[1].method, variants[1].config) == ("p64", "prefix", ["num_virtual_tokens=64"])
     assert parse_grid(["prefix=1e-2,3e-2"], variants)["p64"] == [1e-2, 3e-2]
+    ranks = [parse_variant("lora"), parse_variant("lora-r4=lora:r=4")]  # "lora" names a label and a method
+    assert parse_grid(["lora=1e-4,1e-3", "lora-r4=3e-3"], ranks) == {"lora": [1e-4, 1e-3], "lora-r4": [3e-3]}
+    assert parse_grid(["lora-r4=3e-3", "lora=1e-4"], ranks) == {"lora": [1e-4], "lora-r4": [1e-4]}  # the later wins
     with pytest.raises(ValueError, match=r"needs a label first.*full=full:seeds=1"):
         parse_variant("full:seeds=1")
     with pytest.raises(ValueError, match="unknown method"):
