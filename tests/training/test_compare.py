@@ -6,7 +6,9 @@ import json
 import os
 import statistics
 
+import peft
 import pytest
+import transformers
 
 from ntk_attention import cli
 from ntk_attention.training.compare import check_run, check_starts, parse_grid, parse_variant
@@ -23,6 +25,8 @@ def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_ber
     record = json.loads((out / "tiny.json").read_text())
     assert set(record["methods"]) == {"head", "ntk-m4"} and "tiny" in record["command"]
     assert record["budget"]["train_size"] == 24 and record["machine"]["cpu_count"] >= 1
+    assert record["machine"]["packages"]["transformers"] == transformers.__version__  # what a rerun must match
+    assert record["machine"]["packages"]["peft"] == peft.__version__
     ntk = record["methods"]["ntk-m4"]
     assert ntk["config"] == {"virtual_prefix_length": 4}
     grid = ntk["validation_grid"]

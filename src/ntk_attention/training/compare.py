@@ -339,12 +339,26 @@ def command_line(args) -> str:
     return shlex.join(words)
 
 
+def package_versions() -> dict:
+    """The versions a rerun must match to reproduce a row (pip resolves the newest on a fresh machine)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("ntk-attention", "torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def machine() -> dict:
     import torch
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_average_at_start": os.getloadavg()}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_average_at_start": os.getloadavg(),
+            "packages": package_versions()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
