@@ -340,16 +340,12 @@ def command_line(args) -> str:
 
 
 def package_versions() -> dict:
-    """The versions a rerun must match to reproduce a row (pip resolves the newest on a fresh machine)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """What a rerun must match to reproduce a row besides torch (pip resolves the newest on a fresh machine)."""
+    import accelerate, datasets, peft, transformers
 
-    found = {}
-    for name in ("ntk-attention", "torch", "transformers", "peft", "accelerate", "datasets"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    from .. import __version__
+
+    return {"ntk-attention": __version__, **{m.__name__: m.__version__ for m in (transformers, peft, accelerate, datasets)}}
 
 
 def machine() -> dict:
