@@ -92,6 +92,9 @@ def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data)
     assert ntk["method"] == "ntk" and ntk["seeds"] == 2 and ntk["trainable_params"] > 0
     assert ntk["mean"] == pytest.approx(np.mean(ntk["per_seed"])) and ntk["std"] == pytest.approx(np.std(ntk["per_seed"], ddof=1))
     assert task["methods"]["head"]["trainable_params"] == 0
+    assert ntk["grid_edge"] == "one rate"  # the file's grids have one rate each: nothing was chosen
+    assert "tiny-rte ntk (0.001, one rate)" in (out / "suite.md").read_text()
+    assert "| 0.001 (one rate) |" in (out / "tiny-rte.md").read_text()
     assert "| ntk |" in (out / "suite.md").read_text()
     assert task["title"] == "tiny-rte" and task["task"] == "classification"  # no title in the file: its name
     lead = S.lead_table(summary).splitlines()
@@ -309,3 +312,16 @@ def test_ntk_against_prefix_keeps_full_state_variants_only():
     at_memory = ntk_against(methods, True, "accuracy", "prefix-m16", full_state_only=True)
     assert at_memory["ntk"] == "ntk" and at_memory["difference"] == pytest.approx(-0.03)
     assert ntk_against(methods, True, "accuracy", "lora") is None
+
+
+def test_grid_edge_says_which_rows_a_wider_grid_could_move():
+    from ntk_attention.training.compare import grid_edge
+
+    def row(chosen, *rates):
+        return {"learning_rate": chosen, "validation_grid": {f"{rate:g}": 0.5 for rate in rates}}
+
+    assert grid_edge(row(3e-3, 1e-3, 3e-3, 1e-2)) is None
+    assert grid_edge(row(1e-2, 1e-3, 3e-3, 1e-2)) == "upper edge"
+    assert grid_edge(row(1e-3, 1e-2, 1e-3, 3e-3)) == "lower edge"  # the grid's order does not matter
+    assert grid_edge(row(5e-5, 5e-5)) == "one rate"
+    assert grid_edge({"learning_rate": None, "validation_grid": {}}) is None  # untuned

@@ -30,6 +30,7 @@ import argparse
 import filecmp
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -623,6 +624,22 @@ def validation_score(summary: dict) -> float:
     return -value if summary.get("selection_metric", "accuracy" if "dev_accuracy" in summary else "loss") == "loss" else value
 
 
+def grid_edge(summary: dict) -> str | None:
+    """Where the chosen learning rate sits in its grid: ``"lower edge"`` or ``"upper edge"`` (a wider grid
+    could still move the row), ``"one rate"`` (nothing was chosen), or None (inside the grid, or untuned)."""
+    rates = sorted(float(rate) for rate in summary.get("validation_grid") or {})
+    chosen = summary.get("learning_rate")
+    if chosen is None or not rates:
+        return None
+    if len(rates) == 1:
+        return "one rate"
+    if math.isclose(chosen, rates[0], rel_tol=1e-4):
+        return "lower edge"
+    if math.isclose(chosen, rates[-1], rel_tol=1e-4):
+        return "upper edge"
+    return None
+
+
 def markdown_table(record: dict) -> str:
     methods = record["methods"]
     metric, higher = record.get("metric"), record.get("higher_is_better")
@@ -636,6 +653,8 @@ def markdown_table(record: dict) -> str:
     for label, m in methods.items():
         grid = ", ".join(f"{lr}: {value:.3f}" for lr, value in m["validation_grid"].items()) or "untuned"
         rate = "-" if m["learning_rate"] is None else f"{m['learning_rate']:g}"
+        if grid_edge(m):
+            rate += f" ({grid_edge(m)})"
         row = (f"| {label} | {m['trainable_params']:,} ({m['trainable_params_excl_head']:,}) | {rate} | "
                f"{grid} | {m[f'dev_{metric}']:.4f} ± {m[f'dev_{metric}_std']:.4f} | {len(m['seeds']) or '-'} |")
         row += "".join(f" {m[f'dev_{name}']:.4f} |" if f"dev_{name}" in m else " - |" for name in extra)

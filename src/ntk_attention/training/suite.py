@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import save_figure, write_json, write_jsonl, write_text
+from .compare import grid_edge
 from .plots import draw_methods
 
 # metric -> (what train/compare report it from, higher is better)
@@ -323,7 +324,7 @@ def write_summary(out_dir: str) -> dict:
             methods[label] = {"method": m["method"], "trainable_params": m["trainable_params_excl_head"],
                               "mean": m[f"dev_{metric}"], "std": m[f"dev_{metric}_std"], "seeds": len(m["seeds"]) or 1,
                               "per_seed": m[f"dev_{metric}_per_seed"], "learning_rate": m["learning_rate"],
-                              "config": m["config"]}
+                              "config": m["config"], "grid_edge": grid_edge(m)}
         tasks[suite["name"]] = {"title": suite.get("title") or suite["name"], "task": suite["task"], "metric": metric,
                                 "higher_is_better": suite["higher_is_better"], "model": suite["model"], "file": file.name, "command": record["command"],
                                 "main_variants": suite.get("main_variants", []), "methods": methods,
@@ -458,6 +459,11 @@ def summary_table(summary: dict) -> str:
                       "(positive: NTK ahead) |", "|---|---|---|"]
             lines += [f"| {name} | {g['ntk']} ({g['ntk_params']:,} vs {g['reference_params']:,}) | {g['difference']:+.3f} |"
                       for name, g in gaps]
+    edges = [f"{name} {label} ({m['learning_rate']:g}, {m['grid_edge']})" for name, t in tasks.items()
+             for label, m in t["methods"].items() if m.get("grid_edge")]
     lines += ["", "Cells: mean ± std over seeds (number of seeds) · trainable parameters besides the new "
               "classification head. Each task's command is in its own JSON (`file`)."]
+    if edges:
+        lines += ["", "Learning rates chosen at an edge of their grid, or from a grid of one rate (a wider grid "
+                  "could still move these rows): " + "; ".join(edges) + "."]
     return "\n".join(lines) + "\n"
