@@ -145,6 +145,32 @@ def test_results_outlive_the_work_dir_and_only_updates_rows(tmp_path, tiny_bert,
     assert set(json.loads((out / "tiny-rte.json").read_text())["methods"]) == {"head", "ntk"}
 
 
+def test_a_row_short_of_seeds_runs_only_the_seeds_it_lacks(tmp_path, tiny_bert, pair_data):
+    """A main row measured at the first seed (its work dir gone) keeps that seed and its grid when the
+    suite asks for more seeds; only the missing seeds train, at the chosen rate, and the row equals the
+    one a fresh call at every seed makes."""
+    body = PAIR_SUITE.replace("ntk = [1e-3]", "ntk = [1e-3, 3e-3]")
+    argv, out, work = suite_argv(tmp_path, tiny_bert, pair_data, body.replace("seeds = [0, 1]", "seeds = [0]"), jobs=1)
+    argv += ["--only", "ntk"]
+    assert cli.main(argv) == 0
+    first = json.loads((out / "tiny-rte.json").read_text())["methods"]["ntk"]
+    shutil.rmtree(work)
+    (tmp_path / "rte.toml").write_text((tmp_path / "rte.toml").read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    assert cli.main(argv) == 0
+    assert not (work / "tiny-rte" / "ntk" / "seed0").exists() and (work / "tiny-rte" / "ntk" / "seed1" / "result.json").is_file()
+    extended = json.loads((out / "tiny-rte.json").read_text())["methods"]["ntk"]
+    assert extended["seeds"] == [0, 1] and extended["validation_grid"] == first["validation_grid"]
+    assert extended["dev_accuracy_per_seed"][0] == first["dev_accuracy_per_seed"][0]
+    assert extended["earlier_seeds"] == [{"seeds": [0], "measured_by": first["measured_by"]}]
+    assert "ntk: seeds [0] kept from an earlier call" in (out / "tiny-rte.md").read_text()
+    (tmp_path / "fresh").mkdir()
+    fresh_argv, fresh_out, _ = suite_argv(tmp_path / "fresh", tiny_bert, pair_data, body, jobs=1)
+    assert cli.main(fresh_argv + ["--only", "ntk"]) == 0
+    fresh = json.loads((fresh_out / "tiny-rte.json").read_text())["methods"]["ntk"]
+    for key in ("dev_accuracy", "dev_accuracy_std", "dev_accuracy_per_seed", "dev_loss_per_seed", "learning_rate", "best_epoch_per_seed"):
+        assert extended[key] == pytest.approx(fresh[key]), key
+
+
 def test_an_unreadable_earlier_result_is_refused_not_overwritten(tmp_path, tiny_bert, pair_data):
     argv, out, _ = suite_argv(tmp_path, tiny_bert, pair_data)
     out.mkdir()

@@ -15,7 +15,8 @@ With ``--suite FILE`` the task, data, model, budget, variants, grids and seeds c
 (``benchmarks/suites/*.toml``, read by ``suite.py``); only where the runs go, how many run at a time,
 ``--seeds`` and ``--only LABEL ...`` may be set beside it. ``<out-dir>/suite.json`` then sums up
 every suite result in ``<out-dir>``. Rows of an earlier ``<out-dir>/<name>.json`` that are still the
-suite's variants are kept without their run folders (``earlier_record``).
+suite's variants are kept without their run folders (``earlier_record``); a row measured at fewer
+seeds than the suite now asks for keeps them and runs only the seeds it lacks (``extend_seeds``).
 
 Writes ``<out-dir>/<name>.json``, ``<name>.md`` and ``<name>-params.png`` / ``<name>-time.png``
 (``--out-dir`` defaults to ``runs/results``, never the repository); the adapter of the best NTK
@@ -242,18 +243,58 @@ def score_base(args, variant: Variant) -> dict:
             "peak_rss_mb": result["peak_rss_mb"], "device": result["device"], "adapter": None}
 
 
+def train_seed(args, variant: Variant, seed: int, rates: list[float]) -> dict:
+    folder = run_folder(args, variant.label, seed)
+    return check_run(run_once(train_command(args, variant, rates, seed, folder), folder, rates), variant, seed, rates, folder)
+
+
 def run_variant(args, variant: Variant, rates: list[float], started: dict) -> dict:
     if variant.method == BASE:
         return score_base(args, variant)
     if variant.init_from:
         started[variant.init_from].result()  # its adapters must exist; it was submitted first, so no deadlock
-    def train(seed: int, seed_rates: list[float]) -> dict:
-        folder = run_folder(args, variant.label, seed)
-        return check_run(run_once(train_command(args, variant, seed_rates, seed, folder), folder, seed_rates), variant, seed,
-                         seed_rates, folder)
+    first = train_seed(args, variant, args.seeds[0], rates)
+    others = [train_seed(args, variant, seed, [first["learning_rate"]]) for seed in args.seeds[1:variant.seeds]]
+    return summarize(variant, [first] + others)
 
-    first = train(args.seeds[0], rates)
-    return summarize(variant, [first] + [train(seed, [first["learning_rate"]]) for seed in args.seeds[1:variant.seeds]])
+
+def earlier_seeds(row: dict) -> list[dict]:
+    """Which of a row's seeds each earlier call measured: the row's own list, then its newest seeds."""
+    listed = row.get("earlier_seeds", [])
+    done = {seed for entry in listed for seed in entry["seeds"]}
+    return listed + [{"seeds": [seed for seed in row["seeds"] if seed not in done], "measured_by": row.get("measured_by")}]
+
+
+def extend_seeds(args, variant: Variant, row: dict) -> dict:
+    """An earlier row measured at the suite's first seeds only: run the seeds it lacks at the rate its
+    first seed chose and add them to it. The first seed's grid is not trained again (its work dir may be
+    gone); the row lists which seeds earlier calls measured, with their commands (``earlier_seeds``)."""
+    new = [seed for seed in expected_seeds(variant, args.seeds) if seed not in row["seeds"]]
+    results = [train_seed(args, variant, seed, [row["learning_rate"]]) for seed in new]
+    for seed, result in zip(new, results):
+        if result["trainable_params"] != row["trainable_params"]:
+            raise ValueError(f"{variant.label} seed {seed} trains {result['trainable_params']:,} parameters, the "
+                             f"earlier row's seeds {row['seeds']} {row['trainable_params']:,}: not the same variant")
+    merged = {key: value for key, value in row.items() if key != "measured_by"}
+    for name in SCORE_NAMES:
+        earlier = row.get(f"dev_{name}_per_seed")
+        found = [result["after"]["eval" if "eval" in result["after"] else "validation"].get(name) for result in results]
+        if earlier is None or None in found:
+            for suffix in ("", "_std", "_per_seed", "_before"):
+                merged.pop(f"dev_{name}{suffix}", None)  # a score the new seeds do not report is not averaged over some
+            continue
+        values = earlier + found
+        merged.update({f"dev_{name}": statistics.mean(values), f"dev_{name}_std": statistics.stdev(values),
+                       f"dev_{name}_per_seed": values})
+    seeds = row["seeds"] + new
+    merged.update({
+        "seeds": seeds,
+        "best_epoch_per_seed": row.get("best_epoch_per_seed", []) + [result["best_epoch"] for result in results],
+        "train_seconds": (row["train_seconds"] * len(row["seeds"]) + sum(r["train_seconds"] for r in results)) / len(seeds),
+        "peak_rss_mb": max([row["peak_rss_mb"]] + [r["peak_rss_mb"] for r in results]),
+        "earlier_seeds": earlier_seeds(row),
+    })
+    return merged
 
 
 def check_run(result: dict, variant: Variant, seed: int, rates: list[float], folder: str) -> dict:
@@ -436,13 +477,15 @@ def run(args) -> int:
                            "dev mean/std over seeds at that rate; std is the sample std (n-1)"}
     if suite:
         record["suite"] = suite
-    earlier, earlier_best = earlier_record(args, record, {v.label for v in variants}) if suite else ({}, None)
+    earlier, partial, earlier_best = earlier_record(args, record, {v.label for v in variants}) if suite else ({}, {}, None)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {}
         for v in variants:
             if v.label in earlier:  # a kept row is done at once (a variant started from it waits on it)
                 futures[v.label] = pool.submit(dict, earlier[v.label])
+            elif v.label in partial:  # a kept row short of seeds runs only those
+                futures[v.label] = pool.submit(extend_seeds, args, v, partial[v.label])
             else:
                 futures[v.label] = pool.submit(run_variant, args, v, grid[v.label], futures)
         measured_by = {"command": record["command"], "machine": record["machine"]}
@@ -461,16 +504,17 @@ def run(args) -> int:
     return 0
 
 
-def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dict], str | None]:
+def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dict], dict[str, dict], str | None]:
     """Rows of ``<out-dir>/<name>.json`` (an earlier call) that stand for variants of the suite as it is
     now: the same suite, data, model and budget, and per row the same method, resolved fields, start,
     learning-rate grid and seeds. They are kept without training, so results outlive the work dir and
     ``--only`` updates rows instead of dropping the others. Rows that no longer match are dropped (and
-    named). Rows of variants this call does not run (``running``) are kept at the seeds they had.
-    Also the earlier best NTK variant when its row is kept (its adapter copy is then still valid)."""
+    named). Rows of variants this call does not run (``running``) are kept at the seeds they had; a row
+    it runs that has the suite's first seeds but not all is returned apart (``extend_seeds`` adds the
+    rest). Also the earlier best NTK variant when its row is kept (its adapter copy is then still valid)."""
     path = os.path.join(args.out_dir, f"{args.name}.json")
     if not os.path.exists(path):
-        return {}, None
+        return {}, {}, None
     try:
         with open(path) as handle:
             old = json.load(handle)
@@ -487,28 +531,37 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
         differ.append(f"budget {budget_then} (now {budget_now})")
     if differ:
         print(f"{path}: no row kept, another setting: " + ", ".join(differ), flush=True)
-        return {}, None
+        return {}, {}, None
     suite_variants = {v.label: v for v in map(parse_variant, args.suite_variants)}
     grid = parse_grid(args.suite_lr_grid, list(suite_variants.values()))
-    kept = {}
+    kept, partial = {}, {}
     for label, row in old["methods"].items():
         variant = suite_variants.get(label)
         why = ("no longer a variant of the suite" if variant is None else
                row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=label in running))
-        if why:
+        seeds, wanted = row.get("seeds") or [], expected_seeds(variant, args.seeds) if variant else []
+        if why and row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=False) is None \
+                and seeds and len(seeds) < len(wanted) and wanted[:len(seeds)] == seeds:
+            print(f"{path}: row {label!r} kept at seeds {seeds}; seeds {wanted[len(seeds):]} run now", flush=True)
+            partial[label] = row
+        elif why:
             print(f"{path}: row {label!r} dropped: {why}", flush=True)
         else:
             kept[label] = row
     best = old.get("best_ntk_variant")
-    return kept, best if best in kept else None
+    return kept, partial, best if best in kept or best in partial else None
+
+
+def expected_seeds(variant: Variant, seeds: list[int]) -> list[int]:
+    """The seeds a variant's row holds: every seed for a main row, the first for the others, none for base."""
+    return [] if variant.method == BASE else seeds[:variant.seeds or len(seeds)]
 
 
 def row_differs(row: dict, variant: Variant, rates: list[float], seeds: list[int], task: str,
                 check_seeds: bool = True) -> str | None:
     """Why an earlier result row is not ``variant`` as it runs now (None: it is). Without ``check_seeds``
     a row measured at other seeds still stands (for variants this call does not run)."""
-    expected_seeds = [] if variant.method == BASE else seeds[:variant.seeds or len(seeds)]
-    expected = {"method": variant.method, "init_from": variant.init_from, "seeds": expected_seeds,
+    expected = {"method": variant.method, "init_from": variant.init_from, "seeds": expected_seeds(variant, seeds),
                 "learning rates": sorted(rates)}
     found = {"method": row.get("method"), "init_from": row.get("init_from"), "seeds": row.get("seeds"),
              "learning rates": sorted(float(rate) for rate in row.get("validation_grid") or {})}
@@ -669,6 +722,11 @@ def markdown_table(record: dict) -> str:
             earlier.setdefault(command, []).append(label)
     for command, labels in earlier.items():
         lines += ["", f"Kept from an earlier call (same settings, not rerun): {', '.join(labels)}, measured by `{command}`."]
+    for label, m in methods.items():
+        for entry in m.get("earlier_seeds", []):
+            lines += ["", f"{label}: seeds {entry['seeds']} kept from an earlier call (not rerun), measured by "
+                      f"`{(entry.get('measured_by') or {}).get('command')}`; the later seeds ran at the rate seed "
+                      f"{m['seeds'][0]} chose."]
     renamed = [f"{label} (was {m['renamed_from']['label']})" for label, m in methods.items() if m.get("renamed_from")]
     if renamed:
         lines += ["", f"Measured under another label, the same run as today's: {', '.join(renamed)} (`renamed_from` in the JSON)."]
