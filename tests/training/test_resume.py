@@ -98,6 +98,15 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, monkeypatch
         cli.main(run_argv(tiny_bert, sst_files, tmp_path / "old", "--resume"))
 
 
+def test_a_rate_trains_the_same_alone_or_after_another(tmp_path, tiny_bert, sst_files, uninterrupted):
+    """Scoring the untuned model before the first rate drew from the random state that orders the
+    data, so a rate's result depended on its place in the grid: adding a lower rate moved the others."""
+    result = tmp_path / "result.json"
+    assert cli.main(run_argv(tiny_bert, sst_files, tmp_path / "run", "--lr", "1e-3", "3e-2", "--result-json", str(result))) == 0
+    second = {run["learning_rate"]: run["validation"] for run in json.loads(result.read_text())["grid"]}[3e-2]
+    assert second == json.loads((uninterrupted / "result.json").read_text())["grid"][0]["validation"]
+
+
 def test_resume_with_a_widened_grid_trains_only_the_new_rate(tmp_path, capsys, monkeypatch, tiny_bert, sst_files, uninterrupted):
     """Widening a suite's grid once meant training every old rate again (--resume refused the new list)."""
     from ntk_attention.training import train as T

@@ -168,6 +168,9 @@ def train(args) -> dict:
                   f"learning rate {learning_rate:g} starts from the beginning")
         timer = C.TrainSeconds(checkpoint)
         trainer.add_callback(timer)
+        # Every rate trains from the seed's random state (data order, dropout): scoring the untuned model
+        # before the first rate draws from it, which made a rate's result depend on its place in the grid.
+        transformers.set_seed(args.seed)
         trainer.train(resume_from_checkpoint=checkpoint)
         seconds = timer.seconds
         validation = _best_validation(trainer) or score(trainer, encoded["validation"])
