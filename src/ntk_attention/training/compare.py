@@ -265,10 +265,12 @@ def earlier_seeds(row: dict) -> list[dict]:
     return listed + [{"seeds": [seed for seed in row["seeds"] if seed not in done], "measured_by": row.get("measured_by")}]
 
 
-def extend_seeds(args, variant: Variant, row: dict) -> dict:
+def extend_seeds(args, variant: Variant, row: dict, started: dict) -> dict:
     """An earlier row measured at the suite's first seeds only: run the seeds it lacks at the rate its
     first seed chose and add them to it. The first seed's grid is not trained again (its work dir may be
     gone); the row lists which seeds earlier calls measured, with their commands (``earlier_seeds``)."""
+    if variant.init_from:
+        started[variant.init_from].result()  # as in run_variant: the start's adapters must exist
     new = [seed for seed in expected_seeds(variant, args.seeds) if seed not in row["seeds"]]
     results = [train_seed(args, variant, seed, [row["learning_rate"]]) for seed in new]
     for seed, result in zip(new, results):
@@ -485,7 +487,7 @@ def run(args) -> int:
             if v.label in earlier:  # a kept row is done at once (a variant started from it waits on it)
                 futures[v.label] = pool.submit(dict, earlier[v.label])
             elif v.label in partial:  # a kept row short of seeds runs only those
-                futures[v.label] = pool.submit(extend_seeds, args, v, partial[v.label])
+                futures[v.label] = pool.submit(extend_seeds, args, v, partial[v.label], futures)
             else:
                 futures[v.label] = pool.submit(run_variant, args, v, grid[v.label], futures)
         measured_by = {"command": record["command"], "machine": record["machine"]}
@@ -537,14 +539,16 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
     kept, partial = {}, {}
     for label, row in old["methods"].items():
         variant = suite_variants.get(label)
-        why = ("no longer a variant of the suite" if variant is None else
-               row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=label in running))
-        seeds, wanted = row.get("seeds") or [], expected_seeds(variant, args.seeds) if variant else []
-        if why and row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=False) is None \
-                and seeds and len(seeds) < len(wanted) and wanted[:len(seeds)] == seeds:
-            print(f"{path}: row {label!r} kept at seeds {seeds}; seeds {wanted[len(seeds):]} run now", flush=True)
-            partial[label] = row
-        elif why:
+        if variant is None:
+            why = "no longer a variant of the suite"
+        else:
+            why = row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=label in running)
+            if why and short_of_seeds(row, variant, args.seeds) \
+                    and row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=False) is None:
+                print(f"{path}: row {label!r} kept at seeds {row['seeds']}; the seeds it lacks run now", flush=True)
+                partial[label] = row
+                continue
+        if why:
             print(f"{path}: row {label!r} dropped: {why}", flush=True)
         else:
             kept[label] = row
@@ -555,6 +559,12 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
 def expected_seeds(variant: Variant, seeds: list[int]) -> list[int]:
     """The seeds a variant's row holds: every seed for a main row, the first for the others, none for base."""
     return [] if variant.method == BASE else seeds[:variant.seeds or len(seeds)]
+
+
+def short_of_seeds(row: dict, variant: Variant, seeds: list[int]) -> bool:
+    """The row holds the first of the seeds it should hold, not all of them."""
+    have, wanted = row.get("seeds") or [], expected_seeds(variant, seeds)
+    return 0 < len(have) < len(wanted) and wanted[:len(have)] == have
 
 
 def row_differs(row: dict, variant: Variant, rates: list[float], seeds: list[int], task: str,
