@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from pathlib import Path
 
 import peft
 import pytest
@@ -223,3 +224,23 @@ def test_compare_replaces_its_own_earlier_copy_but_not_a_changed_one(tmp_path, m
     with pytest.raises(ValueError, match="does not delete what it did not write"):
         write_results(str(out), "task", first)
     assert (target / "adapter_model.safetensors").read_bytes() == b"edited"
+
+
+def test_source_commit_names_this_checkout_and_nothing_else(tmp_path):
+    """One version string covers many commits: rows record the checkout's commit, and no other repository's."""
+    import subprocess
+
+    from ntk_attention.training.compare import source_commit
+
+    from ntk_attention.training import compare
+
+    package = Path(compare.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert source_commit().split("+")[0] == head.stdout.strip()
+    assert source_commit(tmp_path) is None  # not a repository
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+                    "-m", "other"], check=True)
+    (tmp_path / "__init__.py").write_text("")
+    assert source_commit(tmp_path) is None  # a repository that does not track the package (a venv inside a project)

@@ -389,7 +389,26 @@ def package_versions() -> dict:
 
     from .. import __version__
 
-    return {"ntk-attention": __version__, **{m.__name__: m.__version__ for m in (transformers, peft, accelerate, datasets)}}
+    return {"ntk-attention": __version__, "ntk-attention commit": source_commit(),
+            **{m.__name__: m.__version__ for m in (transformers, peft, accelerate, datasets)}}
+
+
+def source_commit(package: Path | None = None) -> str | None:
+    """The git commit of the checkout this library runs from (``+dirty`` with uncommitted changes to its
+    code), None when it is not a git checkout: one version string covers many commits between releases."""
+    package = package or Path(__file__).resolve().parents[1]
+    try:
+        def git(*words: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["git", "-C", str(package), *words], capture_output=True, text=True, timeout=10)
+
+        commit = git("rev-parse", "--short=12", "HEAD")
+        # a site-packages inside some other repository is not tracked there: no commit of ours
+        if commit.returncode != 0 or git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--", ".").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def machine() -> dict:
