@@ -235,8 +235,7 @@ def score_base(args, variant: Variant) -> dict:
     command += forwarded_options(args, ("task", "gguf_file", "batch_size", "text_column", "prompt_field", "answer_field", "max_length",
                                         "eval_size", "max_new_tokens", "generate_size", "generate_batch_size", "threads"))
     result = run_once(command, folder)
-    scores = {f"dev_{name}{suffix}": value for name in SCORE_NAMES if name in result
-              for suffix, value in (("", result[name]), ("_std", 0.0), ("_per_seed", [result[name]]))}
+    scores = {key: value for name in SCORE_NAMES if name in result for key, value in seed_statistics(name, [result[name]]).items()}
     return {"method": BASE, "config": {}, "method_fields": {}, "init_from": None, "learning_rate": None, **scores, "seeds": [],
             "validation_grid": {}, "generated": result.get("generated"),
             "trainable_params": 0, "trainable_params_excl_head": 0, "train_seconds": 0.0,
@@ -280,14 +279,12 @@ def extend_seeds(args, variant: Variant, row: dict, started: dict) -> dict:
     merged = {key: value for key, value in row.items() if key != "measured_by"}
     for name in SCORE_NAMES:
         earlier = row.get(f"dev_{name}_per_seed")
-        found = [result["after"]["eval" if "eval" in result["after"] else "validation"].get(name) for result in results]
+        found = [reported_scores(result).get(name) for result in results]
         if earlier is None or None in found:
             for suffix in ("", "_std", "_per_seed", "_before"):
                 merged.pop(f"dev_{name}{suffix}", None)  # a score the new seeds do not report is not averaged over some
             continue
-        values = earlier + found
-        merged.update({f"dev_{name}": statistics.mean(values), f"dev_{name}_std": statistics.stdev(values),
-                       f"dev_{name}_per_seed": values})
+        merged.update(seed_statistics(name, earlier + found))
     seeds = row["seeds"] + new
     merged.update({
         "seeds": seeds,
@@ -342,6 +339,17 @@ def selection_metric(result: dict) -> str:
     return result.get("metric") or ("accuracy" if result["task"] == "classification" else "loss")
 
 
+def reported_scores(result: dict) -> dict:
+    """A run's scores on the reported split (the validation slice when it had none)."""
+    return result["after"]["eval" if "eval" in result["after"] else "validation"]
+
+
+def seed_statistics(name: str, values: list[float]) -> dict:
+    """``dev_<name>``: the mean over seeds, its sample std (n-1; 0 for one seed) and the per-seed values."""
+    return {f"dev_{name}": statistics.mean(values), f"dev_{name}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            f"dev_{name}_per_seed": values}
+
+
 def summarize(variant: Variant, results: list[dict]) -> dict:
     first = results[0]
     split = "eval" if "eval" in first["after"] else "validation"
@@ -349,12 +357,9 @@ def summarize(variant: Variant, results: list[dict]) -> dict:
     summary = {"method": variant.method, "config": parse_options(variant.config),
                "method_fields": variant_fields(variant, first["task"]), "init_from": variant.init_from,
                "learning_rate": first["learning_rate"], "selection_metric": selection}
-    for name in SCORE_NAMES:  # dev_<score>, its std (n-1) and per-seed values, for every score the runs report
-        if all(name in r["after"][split] for r in results):
-            values = [r["after"][split][name] for r in results]
-            summary[f"dev_{name}"] = statistics.mean(values)
-            summary[f"dev_{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            summary[f"dev_{name}_per_seed"] = values
+    for name in SCORE_NAMES:  # for every score the runs report
+        if all(name in reported_scores(r) for r in results):
+            summary.update(seed_statistics(name, [reported_scores(r)[name] for r in results]))
             summary[f"dev_{name}_before"] = first["before"].get(split, {}).get(name)
     summary.update({
         "seeds": [r["seed"] for r in results],
@@ -735,8 +740,8 @@ def markdown_table(record: dict) -> str:
     for label, m in methods.items():
         grid = ", ".join(f"{lr}: {value:.3f}" for lr, value in m["validation_grid"].items()) or "untuned"
         rate = "-" if m["learning_rate"] is None else f"{m['learning_rate']:g}"
-        if grid_edge(m):
-            rate += f" ({grid_edge(m)})"
+        if edge := grid_edge(m):
+            rate += f" ({edge})"
         row = (f"| {label} | {m['trainable_params']:,} ({m['trainable_params_excl_head']:,}) | {rate} | "
                f"{grid} | {m[f'dev_{metric}']:.4f} ± {m[f'dev_{metric}_std']:.4f} | {len(m['seeds']) or '-'} |")
         row += "".join(f" {m[f'dev_{name}']:.4f} |" if f"dev_{name}" in m else " - |" for name in extra)
