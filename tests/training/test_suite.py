@@ -328,7 +328,7 @@ def test_ntk_against_prefix_keeps_full_state_variants_only():
     from ntk_attention.training.suite import ntk_against
 
     def row(method, params, validation, dev, **config):
-        return {"method": method, "trainable_params_excl_head": params, "validation_grid": {"0.001": validation},
+        return {"method": method, "trainable_params_excl_head": params, "learning_rate": 1e-3, "validation_grid": {"0.001": validation},
                 "selection_metric": "accuracy", "dev_accuracy": dev, "config": config}
 
     methods = {"prefix-m16": row("prefix", 1000, 0.80, 0.78), "ntk": row("ntk", 1040, 0.79, 0.75),

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import save_figure, write_json, write_jsonl, write_text
-from .compare import grid_edge
+from .compare import grid_edge, validation_score
 from .plots import draw_methods
 
 # metric -> (what train/compare report it from, higher is better)
@@ -356,13 +356,7 @@ def ntk_against(methods: dict, higher_is_better: bool, metric: str, reference: s
     if not candidates:
         return None
 
-    def validation(m: dict) -> float:
-        scores = [x for x in m["validation_grid"].values() if x is not None]
-        loss_like = m["selection_metric"] == "loss"
-        best = min(scores) if loss_like else max(scores)
-        return -best if loss_like else best
-
-    label, best = max(candidates, key=lambda item: validation(item[1]))
+    label, best = max(candidates, key=lambda item: validation_score(item[1]))
     difference = best[f"dev_{metric}"] - methods[reference][f"dev_{metric}"]
     return {"ntk": label, "ntk_params": best["trainable_params_excl_head"], "reference": reference,
             "reference_params": budget, "difference": difference if higher_is_better else -difference}
