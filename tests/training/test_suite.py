@@ -171,6 +171,55 @@ def test_a_row_short_of_seeds_runs_only_the_seeds_it_lacks(tmp_path, tiny_bert, 
         assert extended[key] == pytest.approx(fresh[key]), key
 
 
+def test_a_widened_grid_trains_only_the_rates_it_adds(tmp_path, tiny_bert, pair_data):
+    """A row whose grid gained rates (its work dir gone) trains its first seed at the new rates only and
+    chooses on validation among old and new: an earlier rate that still wins keeps the row's seeds; a
+    new rate that wins makes the row a fresh call at that rate would make."""
+    body = PAIR_SUITE.replace("ntk = [1e-3]", "ntk = [1e-3, 3e-3]")
+    argv, out, work = suite_argv(tmp_path, tiny_bert, pair_data, body.replace("ntk = [1e-3, 3e-3]", "ntk = [1e-3]"), jobs=1)
+    argv += ["--only", "ntk"]
+    assert cli.main(argv) == 0
+    result = out / "tiny-rte.json"
+    first = json.loads(result.read_text())
+    shutil.rmtree(work)
+    suite = tmp_path / "rte.toml"
+    suite.write_text(suite.read_text().replace("ntk = [1e-3]", "ntk = [1e-3, 3e-3]"))
+
+    def widen(earlier_score: float) -> dict:
+        """The row after widening, its 1e-3 validation score set to ``earlier_score`` beforehand."""
+        record = json.loads(json.dumps(first))
+        record["methods"]["ntk"]["validation_grid"]["0.001"] = earlier_score
+        result.write_text(json.dumps(record))
+        assert cli.main(argv) == 0
+        assert not (work / "tiny-rte" / "ntk" / "seed0").exists()  # the earlier rate did not train again
+        assert (work / "tiny-rte" / "ntk" / "seed0-more-rates" / "result.json").is_file()
+        return json.loads(result.read_text())["methods"]["ntk"]
+
+    kept = widen(2.0)  # above any accuracy: 1e-3 still wins
+    row = first["methods"]["ntk"]
+    assert kept["learning_rate"] == 1e-3 and kept["dev_accuracy_per_seed"] == row["dev_accuracy_per_seed"]
+    assert list(kept["validation_grid"]) == ["0.001", "0.003"] and kept["validation_grid"]["0.001"] == 2.0
+    assert kept["earlier_rates"] == [{"rates": [1e-3], "measured_by": row["measured_by"]}]
+    assert kept["earlier_seeds"] == [{"seeds": [0, 1], "measured_by": row["measured_by"]}]
+    assert not (work / "tiny-rte" / "ntk" / "seed1").exists()
+    assert "ntk: rates 0.001 of its validation grid measured by" in (out / "tiny-rte.md").read_text()
+
+    moved = widen(-1.0)  # below any accuracy: 3e-3 wins, and seed 1 trains at it
+    assert moved["learning_rate"] == 3e-3 and moved["seeds"] == [0, 1] and "earlier_seeds" not in moved
+    assert moved["validation_grid"]["0.003"] == kept["validation_grid"]["0.003"]
+    (tmp_path / "fresh").mkdir()
+    fresh_body = body.replace("ntk = [1e-3, 3e-3]", "ntk = [3e-3]")
+    fresh_argv, fresh_out, _ = suite_argv(tmp_path / "fresh", tiny_bert, pair_data, fresh_body, jobs=1)
+    assert cli.main(fresh_argv + ["--only", "ntk"]) == 0
+    fresh = json.loads((fresh_out / "tiny-rte.json").read_text())["methods"]["ntk"]
+    for key in ("dev_accuracy", "dev_accuracy_per_seed", "dev_loss_per_seed", "learning_rate", "best_epoch_per_seed"):
+        assert moved[key] == pytest.approx(fresh[key]), key
+    # a grid that drops an earlier rate is another grid: the row trains again from the start
+    suite.write_text(suite.read_text().replace("ntk = [1e-3, 3e-3]", "ntk = [3e-3, 1e-2]"))
+    assert cli.main(argv) == 0
+    assert (work / "tiny-rte" / "ntk" / "seed0" / "result.json").is_file()
+
+
 def test_an_unreadable_earlier_result_is_refused_not_overwritten(tmp_path, tiny_bert, pair_data):
     argv, out, _ = suite_argv(tmp_path, tiny_bert, pair_data)
     out.mkdir()

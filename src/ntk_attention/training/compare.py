@@ -261,15 +261,60 @@ def earlier_seeds(row: dict) -> list[dict]:
     """Which of a row's seeds each earlier call measured: the row's own list, then its newest seeds."""
     listed = row.get("earlier_seeds", [])
     done = {seed for entry in listed for seed in entry["seeds"]}
-    return listed + [{"seeds": [seed for seed in row["seeds"] if seed not in done], "measured_by": row.get("measured_by")}]
+    newest = [seed for seed in row["seeds"] if seed not in done]
+    return listed + ([{"seeds": newest, "measured_by": row.get("measured_by")}] if newest else [])
 
 
-def extend_seeds(args, variant: Variant, row: dict, started: dict) -> dict:
+def complete_row(args, variant: Variant, row: dict, rates: list[float], started: dict) -> dict:
+    """An earlier row that this call completes instead of training it again (its work dir may be gone):
+    the rates a widened grid adds (``widen_grid``), then the seeds it lacks (``extend_seeds``)."""
+    if variant.init_from:
+        started[variant.init_from].result()  # as in run_variant: the start's adapters must exist
+    if missing_rates(row, rates):
+        row = widen_grid(args, variant, row, rates)
+    return extend_seeds(args, variant, row) if short_of_seeds(row, variant, args.seeds) else row
+
+
+def missing_rates(row: dict, rates: list[float]) -> list[float]:
+    """The rates of ``rates`` that the row's first seed did not train."""
+    trained = [float(rate) for rate in row.get("validation_grid") or {}]
+    return [rate for rate in rates if not any(math.isclose(rate, old, rel_tol=1e-9) for old in trained)]
+
+
+def widen_grid(args, variant: Variant, row: dict, rates: list[float]) -> dict:
+    """Train the row's first seed at the rates ``rates`` adds to its grid, in a folder of its own, and
+    choose among old and new rates on validation as one run over ``rates`` would (a rate trains the same
+    alone or after others). If an earlier rate still wins, the row stands, its grid widened; if a new one
+    wins, its run is the first seed and the other seeds train at its rate (``earlier_rates`` keeps who
+    measured the earlier rates)."""
+    new_rates, seed = missing_rates(row, rates), row["seeds"][0]
+    folder = run_folder(args, variant.label, seed) + "-more-rates"
+    added = check_run(run_once(train_command(args, variant, new_rates, seed, folder), folder, new_rates),
+                      variant, seed, new_rates, folder)
+    metric = selection_metric(added)
+    if row.get("selection_metric", metric) != metric:
+        raise ValueError(f"{variant.label}: the earlier row chose its rate by {row['selection_metric']}, the new "
+                         f"rates by {metric}: not comparable; drop the row from the result to train it again")
+    scores = {float(rate): value for rate, value in row["validation_grid"].items()}
+    scores.update({run["learning_rate"]: run["validation"].get(metric) for run in added["grid"]})
+    best = None
+    for rate in rates:  # the order train tries them; a tie keeps the earlier rate, as train does
+        if best is None or (scores[rate] < scores[best] if metric == "loss" else scores[rate] > scores[best]):
+            best = rate
+    grid = {f"{rate:g}": scores[rate] for rate in rates}
+    history = row.get("earlier_rates", []) + [{"rates": sorted(float(r) for r in row["validation_grid"]),
+                                               "measured_by": row.get("measured_by")}]
+    if not any(math.isclose(best, rate, rel_tol=1e-9) for rate in new_rates):
+        kept = {key: value for key, value in row.items() if key != "measured_by"}
+        return {**kept, "validation_grid": grid, "earlier_rates": history, "earlier_seeds": earlier_seeds(row)}
+    others = [train_seed(args, variant, other, [best]) for other in expected_seeds(variant, args.seeds)[1:]]
+    return {**summarize(variant, [added] + others), "validation_grid": grid, "earlier_rates": history}
+
+
+def extend_seeds(args, variant: Variant, row: dict) -> dict:
     """An earlier row measured at the suite's first seeds only: run the seeds it lacks at the rate its
     first seed chose and add them to it. The first seed's grid is not trained again (its work dir may be
     gone); the row lists which seeds earlier calls measured, with their commands (``earlier_seeds``)."""
-    if variant.init_from:
-        started[variant.init_from].result()  # as in run_variant: the start's adapters must exist
     new = [seed for seed in expected_seeds(variant, args.seeds) if seed not in row["seeds"]]
     results = [train_seed(args, variant, seed, [row["learning_rate"]]) for seed in new]
     for seed, result in zip(new, results):
@@ -510,8 +555,8 @@ def run(args) -> int:
         for v in variants:
             if v.label in earlier:  # a kept row is done at once (a variant started from it waits on it)
                 futures[v.label] = pool.submit(dict, earlier[v.label])
-            elif v.label in partial:  # a kept row short of seeds runs only those
-                futures[v.label] = pool.submit(extend_seeds, args, v, partial[v.label], futures)
+            elif v.label in partial:  # a kept row short of rates or seeds runs only those
+                futures[v.label] = pool.submit(complete_row, args, v, partial[v.label], grid[v.label], futures)
             else:
                 futures[v.label] = pool.submit(run_variant, args, v, grid[v.label], futures)
         measured_by = {"command": record["command"], "machine": record["machine"]}
@@ -567,9 +612,9 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
             why = "no longer a variant of the suite"
         else:
             why = row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=label in running)
-            if why and short_of_seeds(row, variant, args.seeds) \
-                    and row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=False) is None:
-                print(f"{path}: row {label!r} kept at seeds {row['seeds']}; the seeds it lacks run now", flush=True)
+            if why and label in running and completable(row, variant, grid[label], args.seeds, args.task):
+                print(f"{path}: row {label!r} kept at seeds {row['seeds']} and rates {sorted(row['validation_grid'])}; "
+                      "the rates and seeds it lacks run now", flush=True)
                 partial[label] = row
                 continue
         if why:
@@ -583,6 +628,15 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
 def expected_seeds(variant: Variant, seeds: list[int]) -> list[int]:
     """The seeds a variant's row holds: every seed for a main row, the first for the others, none for base."""
     return [] if variant.method == BASE else seeds[:variant.seeds or len(seeds)]
+
+
+def completable(row: dict, variant: Variant, rates: list[float], seeds: list[int], task: str) -> bool:
+    """The row is ``variant`` at part of today's grid and seeds: its first seed trained some of ``rates``
+    and none that ``rates`` lacks, and it holds the first of the seeds it should hold."""
+    have, held = row.get("validation_grid") or {}, row.get("seeds") or []
+    trained = [rate for rate in rates if rate not in missing_rates(row, rates)]
+    return (0 < len(have) == len(trained) and 0 < len(held) and expected_seeds(variant, seeds)[:len(held)] == held
+            and row_differs(row, variant, trained, seeds, task, check_seeds=False) is None)
 
 
 def short_of_seeds(row: dict, variant: Variant, seeds: list[int]) -> bool:
@@ -761,6 +815,11 @@ def markdown_table(record: dict) -> str:
             lines += ["", f"{label}: seeds {entry['seeds']} kept from an earlier call (not rerun), measured by "
                       f"`{(entry.get('measured_by') or {}).get('command')}`; the later seeds ran at the rate seed "
                       f"{m['seeds'][0]} chose."]
+    for label, m in methods.items():
+        for entry in m.get("earlier_rates", []):
+            lines += ["", f"{label}: rates {', '.join(f'{rate:g}' for rate in entry['rates'])} of its validation grid "
+                      f"measured by `{(entry.get('measured_by') or {}).get('command')}` (not rerun); the grid's other "
+                      "rates were added later at the same seed."]
     renamed = [f"{label} (was {m['renamed_from']['label']})" for label, m in methods.items() if m.get("renamed_from")]
     if renamed:
         lines += ["", f"Measured under another label, the same run as today's: {', '.join(renamed)} (`renamed_from` in the JSON)."]
