@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 from pathlib import Path
 
 import peft
@@ -12,6 +13,7 @@ import pytest
 import transformers
 
 from ntk_attention import cli
+from ntk_attention.training import compare
 from ntk_attention.training.compare import check_run, check_starts, parse_grid, parse_variant
 
 
@@ -187,7 +189,6 @@ def test_a_cached_run_of_an_older_default_is_refused(tmp_path):
 def test_compare_replaces_its_own_earlier_copy_but_not_a_changed_one(tmp_path, monkeypatch):
     """A new best NTK variant replaces the adapter an earlier call copied for the same comparison; a copy
     edited since, or one of another comparison, is left alone and the call refused."""
-    from ntk_attention.training import compare
     from ntk_attention.training.compare import COPY_RECORD, write_results
 
     monkeypatch.setattr(compare, "markdown_table", lambda record: "")  # the adapter copy is under test here
@@ -228,19 +229,13 @@ def test_compare_replaces_its_own_earlier_copy_but_not_a_changed_one(tmp_path, m
 
 def test_source_commit_names_this_checkout_and_nothing_else(tmp_path):
     """One version string covers many commits: rows record the checkout's commit, and no other repository's."""
-    import subprocess
-
-    from ntk_attention.training.compare import source_commit
-
-    from ntk_attention.training import compare
-
     package = Path(compare.__file__).resolve().parents[1]
     head = subprocess.run(["git", "-C", str(package), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:
-        assert source_commit().split("+")[0] == head.stdout.strip()
-    assert source_commit(tmp_path) is None  # not a repository
+        assert compare.source_commit().split("+")[0] == head.stdout.strip()
+    assert compare.source_commit(tmp_path) is None  # not a repository
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
                     "-m", "other"], check=True)
     (tmp_path / "__init__.py").write_text("")
-    assert source_commit(tmp_path) is None  # a repository that does not track the package (a venv inside a project)
+    assert compare.source_commit(tmp_path) is None  # a repository that does not track the package (a venv inside a project)

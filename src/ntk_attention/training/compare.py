@@ -48,6 +48,7 @@ from pathlib import Path
 from ..cli import non_negative_int, positive_int
 from ..io import save_figure, write_json, write_text
 from . import methods
+from .fit import selection_score
 from .options import add_run_arguments, forwarded_options, parse_options, run_option_names
 from .plots import draw_methods
 
@@ -277,8 +278,8 @@ def complete_row(args, variant: Variant, row: dict, rates: list[float], started:
 
 def missing_rates(row: dict, rates: list[float]) -> list[float]:
     """The rates of ``rates`` that the row's first seed did not train."""
-    trained = [float(rate) for rate in row.get("validation_grid") or {}]
-    return [rate for rate in rates if not any(math.isclose(rate, old, rel_tol=1e-9) for old in trained)]
+    trained = {float(rate) for rate in row.get("validation_grid") or {}}
+    return [rate for rate in rates if rate not in trained]
 
 
 def widen_grid(args, variant: Variant, row: dict, rates: list[float]) -> dict:
@@ -297,14 +298,12 @@ def widen_grid(args, variant: Variant, row: dict, rates: list[float]) -> dict:
                          f"rates by {metric}: not comparable; drop the row from the result to train it again")
     scores = {float(rate): value for rate, value in row["validation_grid"].items()}
     scores.update({run["learning_rate"]: run["validation"].get(metric) for run in added["grid"]})
-    best = None
-    for rate in rates:  # the order train tries them; a tie keeps the earlier rate, as train does
-        if best is None or (scores[rate] < scores[best] if metric == "loss" else scores[rate] > scores[best]):
-            best = rate
+    # max keeps the first of equal scores: a tie goes to the earlier rate in the grid, as in train
+    best = max(rates, key=lambda rate: selection_score(metric, scores[rate]))
     grid = {f"{rate:g}": scores[rate] for rate in rates}
     history = row.get("earlier_rates", []) + [{"rates": sorted(float(r) for r in row["validation_grid"]),
                                                "measured_by": row.get("measured_by")}]
-    if not any(math.isclose(best, rate, rel_tol=1e-9) for rate in new_rates):
+    if best not in new_rates:
         kept = {key: value for key, value in row.items() if key != "measured_by"}
         return {**kept, "validation_grid": grid, "earlier_rates": history, "earlier_seeds": earlier_seeds(row)}
     others = [train_seed(args, variant, other, [best]) for other in expected_seeds(variant, args.seeds)[1:]]
@@ -633,8 +632,8 @@ def expected_seeds(variant: Variant, seeds: list[int]) -> list[int]:
 def completable(row: dict, variant: Variant, rates: list[float], seeds: list[int], task: str) -> bool:
     """The row is ``variant`` at part of today's grid and seeds: its first seed trained some of ``rates``
     and none that ``rates`` lacks, and it holds the first of the seeds it should hold."""
-    have, held = row.get("validation_grid") or {}, row.get("seeds") or []
-    trained = [rate for rate in rates if rate not in missing_rates(row, rates)]
+    have, held, missing = row.get("validation_grid") or {}, row.get("seeds") or [], missing_rates(row, rates)
+    trained = [rate for rate in rates if rate not in missing]
     return (0 < len(have) == len(trained) and 0 < len(held) and expected_seeds(variant, seeds)[:len(held)] == held
             and row_differs(row, variant, trained, seeds, task, check_seeds=False) is None)
 
@@ -762,7 +761,7 @@ def copy_folder(source: str, target: str, copy: dict) -> None:
 def validation_score(summary: dict) -> float:
     """The chosen rate's validation score, higher is better (accuracy or MCC, or minus the loss)."""
     value = summary["validation_grid"][f"{summary['learning_rate']:g}"]
-    return -value if summary.get("selection_metric", "accuracy" if "dev_accuracy" in summary else "loss") == "loss" else value
+    return selection_score(summary.get("selection_metric", "accuracy" if "dev_accuracy" in summary else "loss"), value)
 
 
 def grid_edge(summary: dict) -> str | None:
@@ -812,9 +811,9 @@ def markdown_table(record: dict) -> str:
         lines += ["", f"Kept from an earlier call (same settings, not rerun): {', '.join(labels)}, measured by `{command}`."]
     for label, m in methods.items():
         for entry in m.get("earlier_seeds", []):
+            later = "" if set(entry["seeds"]) >= set(m["seeds"]) else f"; the later seeds ran at the rate seed {m['seeds'][0]} chose"
             lines += ["", f"{label}: seeds {entry['seeds']} kept from an earlier call (not rerun), measured by "
-                      f"`{(entry.get('measured_by') or {}).get('command')}`; the later seeds ran at the rate seed "
-                      f"{m['seeds'][0]} chose."]
+                      f"`{(entry.get('measured_by') or {}).get('command')}`{later}."]
     for label, m in methods.items():
         for entry in m.get("earlier_rates", []):
             lines += ["", f"{label}: rates {', '.join(f'{rate:g}' for rate in entry['rates'])} of its validation grid "

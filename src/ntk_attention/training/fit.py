@@ -25,6 +25,13 @@ DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 512, "language-modelin
 SCORES = ("accuracy", "mcc", "loss")  # what evaluation reports; perplexity follows from the loss
 
 
+LOWER_IS_BETTER = "loss"  # the one selection metric that is minimised (accuracy, MCC, ... are maximised)
+
+
+def selection_score(metric: str, value: float) -> float:
+    """``value`` of the selection metric ``metric`` as a score where higher is better (the loss negated)."""
+    return -value if metric == LOWER_IS_BETTER else value
+
 @dataclass
 class FitSettings:
     output_dir: str
@@ -135,7 +142,7 @@ def make_trainer(model, tokenizer, settings: FitSettings, head_modules: list[str
         save_total_limit=2,  # the last two; with load_best_model_at_end the best one as well
         load_best_model_at_end=has_eval,
         metric_for_best_model=settings.metric or ("accuracy" if classification else "loss"),
-        greater_is_better=(settings.metric or ("accuracy" if classification else "loss")) != "loss",
+        greater_is_better=LOWER_IS_BETTER != (settings.metric or ("accuracy" if classification else "loss")),
         # images have no length to group by
         train_sampling_strategy="group_by_length" if settings.group_by_length and settings.task != "image-classification"
         else "random",

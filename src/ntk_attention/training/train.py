@@ -23,7 +23,7 @@ from . import data as D
 from . import methods
 from . import models as M
 from .evaluate import exact_match
-from .fit import DEFAULT_MAX_LENGTH, FitSettings, encode, make_trainer, named_scores, peak_rss_mb, score
+from .fit import DEFAULT_MAX_LENGTH, FitSettings, encode, make_trainer, named_scores, peak_rss_mb, score, selection_score
 from .options import add_run_arguments, parse_options
 
 
@@ -177,7 +177,8 @@ def train(args) -> dict:
         entry = {"learning_rate": learning_rate, "validation": validation, "train_seconds": seconds,
                  "best_epoch": _best_epoch(trainer)}
         runs.append(entry)
-        if best is None or _better(plan["metric"], validation, best[0]["validation"]):
+        metric = plan["metric"]
+        if best is None or selection_score(metric, validation[metric]) > selection_score(metric, best[0]["validation"][metric]):
             best = (entry, trainer, head_modules)
     entry, trainer, head_modules = best
 
@@ -219,12 +220,6 @@ def train(args) -> dict:
 def _is_main_process() -> bool:
     """Process 0 under torchrun / accelerate launch (before a Trainer exists to ask)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _better(metric: str, candidate: dict, incumbent: dict) -> bool:
-    if metric == "loss":
-        return candidate["loss"] < incumbent["loss"]
-    return candidate[metric] > incumbent[metric]
 
 
 def _best_log(trainer) -> dict:
