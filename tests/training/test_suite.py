@@ -118,7 +118,8 @@ def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data)
 
 def test_results_outlive_the_work_dir_and_only_updates_rows(tmp_path, tiny_bert, pair_data):
     """The work dir is a cache (a new machine has none): rows of the earlier result that are today's
-    variants are kept without training; a row whose grid or resolved defaults changed is not."""
+    variants are kept without training; a row whose resolved defaults changed is not, nor one whose grid
+    lost its rates (a widened grid keeps it, its missing rates named)."""
     body = PAIR_SUITE.replace('"ntk-m4=ntk:virtual_prefix_length=4", ', "").replace("seeds = [0, 1]", "seeds = [0]")
     argv, out, work = suite_argv(tmp_path, tiny_bert, pair_data, body, jobs=1)
     assert cli.main(argv) == 0
@@ -139,8 +140,18 @@ def test_results_outlive_the_work_dir_and_only_updates_rows(tmp_path, tiny_bert,
     assert (work / "tiny-rte" / "ntk" / "seed0" / "result.json").is_file()
     rerun = json.loads((out / "tiny-rte.json").read_text())["methods"]
     assert rerun["ntk"]["method_fields"]["feature_map"] == "random:seed=0" and rerun["lora"] == first["methods"]["lora"]
-    # a changed grid drops a row this call does not run (and names it) instead of reporting it as today's
-    (tmp_path / "rte.toml").write_text((tmp_path / "rte.toml").read_text().replace("lora = [1e-3]", "lora = [3e-3]"))
+    # a widened grid keeps a row this call does not run, at its rates, and the reports name the rate not run
+    (tmp_path / "rte.toml").write_text((tmp_path / "rte.toml").read_text().replace("lora = [1e-3]", "lora = [1e-3, 3e-3]"))
+    assert cli.main(argv + ["--only", "head"]) == 0
+    widened = json.loads((out / "tiny-rte.json").read_text())
+    assert widened["methods"]["lora"] == first["methods"]["lora"] and widened["lr_grid"]["lora"] == [1e-3, 3e-3]
+    assert not (work / "tiny-rte" / "lora").exists()
+    assert "lora: rates 0.003 of the suite's grid not run yet" in (out / "tiny-rte.md").read_text()
+    summary = json.loads((out / "suite.json").read_text())
+    assert summary["tasks"]["tiny-rte"]["methods"]["lora"]["rates_not_run"] == [3e-3]
+    assert "tiny-rte lora (0.003)" in (out / "suite.md").read_text()
+    # a grid that no longer holds the row's rates drops it (and names it) instead of reporting it as today's
+    (tmp_path / "rte.toml").write_text((tmp_path / "rte.toml").read_text().replace("lora = [1e-3, 3e-3]", "lora = [3e-3]"))
     assert cli.main(argv + ["--only", "head"]) == 0
     assert set(json.loads((out / "tiny-rte.json").read_text())["methods"]) == {"head", "ntk"}
 

@@ -545,8 +545,8 @@ def run(args) -> int:
               "seeds": args.seeds, "lr_grid": grid,
               "selection": "learning rate and best epoch on a validation slice of the training data (first seed); "
                            "dev mean/std over seeds at that rate; std is the sample std (n-1)"}
-    if suite:
-        record["suite"] = suite
+    if suite:  # every row's grid as the suite states it, the rows this call does not run included
+        record["suite"], record["lr_grid"] = suite, parse_grid(args.suite_lr_grid, list(map(parse_variant, args.suite_variants)))
     earlier, partial, earlier_best = earlier_record(args, record, {v.label for v in variants}) if suite else ({}, {}, None)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -581,7 +581,9 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
     ``--only`` updates rows instead of dropping the others. Rows that no longer match are dropped (and
     named). Rows of variants this call does not run (``running``) are kept at the seeds they had; a row
     it runs that has the suite's first seeds but not all is returned apart (``extend_seeds`` adds the
-    rest). Also the earlier best NTK variant when its row is kept (its adapter copy is then still valid)."""
+    rest). A row this call does not run whose grid the suite widened is kept at the rates it has (the
+    report names the others). Also the earlier best NTK variant when its row is kept (its adapter copy is
+    then still valid)."""
     path = os.path.join(args.out_dir, f"{args.name}.json")
     if not os.path.exists(path):
         return {}, {}, None
@@ -611,10 +613,15 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
             why = "no longer a variant of the suite"
         else:
             why = row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=label in running)
-            if why and label in running and completable(row, variant, grid[label], args.seeds, args.task):
-                print(f"{path}: row {label!r} kept at seeds {row['seeds']} and rates {sorted(row['validation_grid'])}; "
-                      "the rates and seeds it lacks run now", flush=True)
-                partial[label] = row
+            if why and completable(row, variant, grid[label], args.seeds, args.task):
+                if label in running:
+                    print(f"{path}: row {label!r} kept at seeds {row['seeds']} and rates {sorted(row['validation_grid'])}; "
+                          "the rates and seeds it lacks run now", flush=True)
+                    partial[label] = row
+                else:  # a widened grid is no reason to lose the row: it stands at its rates until run
+                    print(f"{path}: row {label!r} kept at rates {sorted(row['validation_grid'])}; the suite's grid adds "
+                          f"{missing_rates(row, grid[label])}, not run (--only {label} trains them)", flush=True)
+                    kept[label] = row
                 continue
         if why:
             print(f"{path}: row {label!r} dropped: {why}", flush=True)
@@ -819,6 +826,9 @@ def markdown_table(record: dict) -> str:
             lines += ["", f"{label}: rates {', '.join(f'{rate:g}' for rate in entry['rates'])} of its validation grid "
                       f"measured by `{(entry.get('measured_by') or {}).get('command')}` (not rerun); the grid's other "
                       "rates were added later at the same seed."]
+        if not_run := missing_rates(m, record["lr_grid"].get(label, [])):
+            lines += ["", f"{label}: rates {', '.join(f'{rate:g}' for rate in not_run)} of the suite's grid not run yet; "
+                      f"its rate was chosen among the others (`--only {label}` trains them)."]
     renamed = [f"{label} (was {m['renamed_from']['label']})" for label, m in methods.items() if m.get("renamed_from")]
     if renamed:
         lines += ["", f"Measured under another label, the same run as today's: {', '.join(renamed)} (`renamed_from` in the JSON)."]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import save_figure, write_json, write_jsonl, write_text
-from .compare import grid_edge, validation_score
+from .compare import grid_edge, missing_rates, validation_score
 from .plots import draw_methods
 
 # metric -> (what train/compare report it from, higher is better)
@@ -324,7 +324,8 @@ def write_summary(out_dir: str) -> dict:
             methods[label] = {"method": m["method"], "trainable_params": m["trainable_params_excl_head"],
                               "mean": m[f"dev_{metric}"], "std": m[f"dev_{metric}_std"], "seeds": len(m["seeds"]) or 1,
                               "per_seed": m[f"dev_{metric}_per_seed"], "learning_rate": m["learning_rate"],
-                              "config": m["config"], "grid_edge": grid_edge(m)}
+                              "config": m["config"], "grid_edge": grid_edge(m),
+                              "rates_not_run": missing_rates(m, record.get("lr_grid", {}).get(label, []))}
         tasks[suite["name"]] = {"title": suite.get("title") or suite["name"], "task": suite["task"], "metric": metric,
                                 "higher_is_better": suite["higher_is_better"], "model": suite["model"], "file": file.name, "command": record["command"],
                                 "main_variants": suite.get("main_variants", []), "methods": methods,
@@ -460,4 +461,9 @@ def summary_table(summary: dict) -> str:
     if edges:
         lines += ["", "Learning rates chosen at an edge of their grid, or from a grid of one rate (a wider grid "
                   "could still move these rows): " + "; ".join(edges) + "."]
+    not_run = [f"{name} {label} ({', '.join(f'{rate:g}' for rate in m['rates_not_run'])})" for name, t in tasks.items()
+               for label, m in t["methods"].items() if m.get("rates_not_run")]
+    if not_run:
+        lines += ["", "Rates of the suite files' grids not run yet (these rows were chosen among the others): "
+                  + "; ".join(not_run) + "."]
     return "\n".join(lines) + "\n"
