@@ -231,6 +231,19 @@ def test_a_widened_grid_trains_only_the_rates_it_adds(tmp_path, tiny_bert, pair_
     assert (work / "tiny-rte" / "ntk" / "seed0" / "result.json").is_file()
 
 
+def test_a_second_call_on_the_same_result_file_is_refused_while_one_runs(tmp_path, tiny_bert, pair_data):
+    """Two calls at once would each write back only the rows they read at their start: the second is refused."""
+    import filelock
+
+    argv, out, work = suite_argv(tmp_path, tiny_bert, pair_data, jobs=1)
+    out.mkdir()
+    with filelock.FileLock(str(out / ".tiny-rte.json.lock")):  # as a running call holds it
+        with pytest.raises(ValueError, match="another compare call is writing it"):
+            cli.main(argv + ["--only", "head"])
+    assert not (out / "tiny-rte.json").exists() and not (work / "tiny-rte" / "head").exists()
+    assert cli.main(argv + ["--only", "head"]) == 0  # released: the call runs
+
+
 def test_an_unreadable_earlier_result_is_refused_not_overwritten(tmp_path, tiny_bert, pair_data):
     argv, out, _ = suite_argv(tmp_path, tiny_bert, pair_data)
     out.mkdir()

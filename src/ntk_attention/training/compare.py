@@ -45,6 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import filelock
+
 from ..cli import non_negative_int, positive_int
 from ..io import save_figure, write_json, write_text
 from . import methods
@@ -531,6 +533,22 @@ def first_seed_only(spec: str, main_variants: list[str]) -> str:
 
 def run(args) -> int:
     suite = apply_suite(args)
+    # two calls on one result file would each write back only the rows they read at their start
+    os.makedirs(args.out_dir, exist_ok=True)
+    lock = filelock.FileLock(os.path.join(args.out_dir, f".{args.name}.json.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise ValueError(f"{os.path.join(args.out_dir, args.name)}.json: another compare call is writing it; wait for "
+                         "it to end or choose another --out-dir") from None
+    try:
+        return compare_variants(args, suite)
+    finally:
+        lock.release()
+
+
+def compare_variants(args, suite: dict | None) -> int:
+    """Train (or keep) every variant, choose on validation, and write ``<out-dir>/<name>.json`` and its report."""
     variants = [parse_variant(spec) for spec in args.variants]
     if len({v.label for v in variants}) != len(variants):
         raise ValueError(f"--variants: labels must be unique, got {[v.label for v in variants]}")
