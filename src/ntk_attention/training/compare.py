@@ -278,6 +278,10 @@ def complete_row(args, variant: Variant, row: dict, rates: list[float], started:
     return extend_seeds(args, variant, row) if short_of_seeds(row, variant, args.seeds) else row
 
 
+def format_rates(rates: list[float]) -> str:
+    return ", ".join(f"{rate:g}" for rate in rates)
+
+
 def missing_rates(row: dict, rates: list[float]) -> list[float]:
     """The rates of ``rates`` that the row's first seed did not train."""
     trained = {float(rate) for rate in row.get("validation_grid") or {}}
@@ -537,14 +541,12 @@ def run(args) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     lock = filelock.FileLock(os.path.join(args.out_dir, f".{args.name}.json.lock"))
     try:
-        lock.acquire(timeout=0)
+        held = lock.acquire(timeout=0)
     except filelock.Timeout:
         raise ValueError(f"{os.path.join(args.out_dir, args.name)}.json: another compare call is writing it; wait for "
                          "it to end or choose another --out-dir") from None
-    try:
+    with held:
         return compare_variants(args, suite)
-    finally:
-        lock.release()
 
 
 def compare_variants(args, suite: dict | None) -> int:
@@ -560,11 +562,13 @@ def compare_variants(args, suite: dict | None) -> int:
     record = {"name": args.name, "command": command_line(args),
               "machine": {**machine(), "note": args.machine_note},
               "budget": {name: getattr(args, name) for name in run_option_names() if getattr(args, name, None) is not None},
-              "seeds": args.seeds, "lr_grid": grid,
+              "seeds": args.seeds,
+              # with a suite, every row's grid as the suite states it, the rows this call does not run included
+              "lr_grid": parse_grid(args.suite_lr_grid, list(map(parse_variant, args.suite_variants))) if suite else grid,
               "selection": "learning rate and best epoch on a validation slice of the training data (first seed); "
                            "dev mean/std over seeds at that rate; std is the sample std (n-1)"}
-    if suite:  # every row's grid as the suite states it, the rows this call does not run included
-        record["suite"], record["lr_grid"] = suite, parse_grid(args.suite_lr_grid, list(map(parse_variant, args.suite_variants)))
+    if suite:
+        record["suite"] = suite
     earlier, partial, earlier_best = earlier_record(args, record, {v.label for v in variants}) if suite else ({}, {}, None)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -623,7 +627,7 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
         print(f"{path}: no row kept, another setting: " + ", ".join(differ), flush=True)
         return {}, {}, None
     suite_variants = {v.label: v for v in map(parse_variant, args.suite_variants)}
-    grid = parse_grid(args.suite_lr_grid, list(suite_variants.values()))
+    grid = record["lr_grid"]
     kept, partial = {}, {}
     for label, row in old["methods"].items():
         variant = suite_variants.get(label)
@@ -632,14 +636,12 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
         else:
             why = row_differs(row, variant, grid[label], args.seeds, args.task, check_seeds=label in running)
             if why and completable(row, variant, grid[label], args.seeds, args.task):
-                if label in running:
-                    print(f"{path}: row {label!r} kept at seeds {row['seeds']} and rates {sorted(row['validation_grid'])}; "
-                          "the rates and seeds it lacks run now", flush=True)
-                    partial[label] = row
-                else:  # a widened grid is no reason to lose the row: it stands at its rates until run
-                    print(f"{path}: row {label!r} kept at rates {sorted(row['validation_grid'])}; the suite's grid adds "
-                          f"{missing_rates(row, grid[label])}, not run (--only {label} trains them)", flush=True)
-                    kept[label] = row
+                # a row this call runs is completed; one it does not run stands at its rates until it is run
+                then = "the rates and seeds it lacks run now" if label in running else \
+                    f"the rates it lacks ({format_rates(missing_rates(row, grid[label]))}) wait for --only {label}"
+                print(f"{path}: row {label!r} kept at seeds {row['seeds']} and rates {sorted(row['validation_grid'])}; "
+                      + then, flush=True)
+                (partial if label in running else kept)[label] = row
                 continue
         if why:
             print(f"{path}: row {label!r} dropped: {why}", flush=True)
@@ -841,11 +843,11 @@ def markdown_table(record: dict) -> str:
                       f"`{(entry.get('measured_by') or {}).get('command')}`{later}."]
     for label, m in methods.items():
         for entry in m.get("earlier_rates", []):
-            lines += ["", f"{label}: rates {', '.join(f'{rate:g}' for rate in entry['rates'])} of its validation grid "
+            lines += ["", f"{label}: rates {format_rates(entry['rates'])} of its validation grid "
                       f"measured by `{(entry.get('measured_by') or {}).get('command')}` (not rerun); the grid's other "
                       "rates were added later at the same seed."]
         if not_run := missing_rates(m, record["lr_grid"].get(label, [])):
-            lines += ["", f"{label}: rates {', '.join(f'{rate:g}' for rate in not_run)} of the suite's grid not run yet; "
+            lines += ["", f"{label}: rates {format_rates(not_run)} of the suite's grid not run yet; "
                       f"its rate was chosen among the others (`--only {label}` trains them)."]
     renamed = [f"{label} (was {m['renamed_from']['label']})" for label, m in methods.items() if m.get("renamed_from")]
     if renamed:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import save_figure, write_json, write_jsonl, write_text
-from .compare import grid_edge, missing_rates, validation_score
+from .compare import format_rates, grid_edge, missing_rates, validation_score
 from .plots import draw_methods
 
 # metric -> (what train/compare report it from, higher is better)
@@ -461,7 +461,7 @@ def summary_table(summary: dict) -> str:
     if edges:
         lines += ["", "Learning rates chosen at an edge of their grid, or from a grid of one rate (a wider grid "
                   "could still move these rows): " + "; ".join(edges) + "."]
-    not_run = [f"{name} {label} ({', '.join(f'{rate:g}' for rate in m['rates_not_run'])})" for name, t in tasks.items()
+    not_run = [f"{name} {label} ({format_rates(m['rates_not_run'])})" for name, t in tasks.items()
                for label, m in t["methods"].items() if m.get("rates_not_run")]
     if not_run:
         lines += ["", "Rates of the suite files' grids not run yet (these rows were chosen among the others): "
