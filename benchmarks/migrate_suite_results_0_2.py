@@ -28,7 +28,8 @@ from transformers import AutoConfig
 from ntk_attention import get_feature_map
 from ntk_attention.io import write_json, write_text
 from ntk_attention.training import methods
-from ntk_attention.training.compare import markdown_table, parse_variant, plot, variant_fields
+from ntk_attention.training.compare.report import markdown_table, plot
+from ntk_attention.training.compare.variants import parse_variant, variant_fields
 from ntk_attention.training.options import parse_options
 from ntk_attention.training.suite import load_suite, write_summary
 from ntk_attention.tuners.config import resolve_reference

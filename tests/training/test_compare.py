@@ -13,8 +13,9 @@ import pytest
 import transformers
 
 from ntk_attention import cli
-from ntk_attention.training import compare
-from ntk_attention.training.compare import check_run, check_starts, parse_grid, parse_variant
+from ntk_attention.training.compare import provenance, report
+from ntk_attention.training.compare.runs import check_run
+from ntk_attention.training.compare.variants import check_starts, parse_grid, parse_variant
 
 
 def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_bert, sst_files):
@@ -69,7 +70,7 @@ def test_compare_grid_writes_json_table_plots_and_ntk_adapter(tmp_path, tiny_ber
 
 def test_compare_never_removes_an_adapter_it_did_not_write(tmp_path):
     """`compare` with its defaults once ended with shutil.rmtree of the committed shipped adapter."""
-    from ntk_attention.training.compare import write_results
+    from ntk_attention.training.compare.report import write_results
 
     run = tmp_path / "work" / "ntk" / "seed0" / "adapter"
     run.mkdir(parents=True)
@@ -189,10 +190,10 @@ def test_a_cached_run_of_an_older_default_is_refused(tmp_path):
 def test_compare_replaces_its_own_earlier_copy_but_not_a_changed_one(tmp_path, monkeypatch):
     """A new best NTK variant replaces the adapter an earlier call copied for the same comparison; a copy
     edited since, or one of another comparison, is left alone and the call refused."""
-    from ntk_attention.training.compare import COPY_RECORD, write_results
+    from ntk_attention.training.compare.report import COPY_RECORD, write_results
 
-    monkeypatch.setattr(compare, "markdown_table", lambda record: "")  # the adapter copy is under test here
-    monkeypatch.setattr(compare, "plot", lambda record, prefix: None)
+    monkeypatch.setattr(report, "markdown_table", lambda record: "")  # the adapter copy is under test here
+    monkeypatch.setattr(report, "plot", lambda record, prefix: None)
 
     def run_folder(label: str, payload: bytes) -> str:
         folder = tmp_path / "work" / label / "seed0" / "adapter"
@@ -229,13 +230,13 @@ def test_compare_replaces_its_own_earlier_copy_but_not_a_changed_one(tmp_path, m
 
 def test_source_commit_names_this_checkout_and_nothing_else(tmp_path):
     """One version string covers many commits: rows record the checkout's commit, and no other repository's."""
-    package = Path(compare.__file__).resolve().parents[1]
+    package = Path(provenance.__file__).resolve().parents[2]
     head = subprocess.run(["git", "-C", str(package), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:
-        assert compare.source_commit().split("+")[0] == head.stdout.strip()
-    assert compare.source_commit(tmp_path) is None  # not a repository
+        assert provenance.source_commit().split("+")[0] == head.stdout.strip()
+    assert provenance.source_commit(tmp_path) is None  # not a repository
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
                     "-m", "other"], check=True)
     (tmp_path / "__init__.py").write_text("")
-    assert compare.source_commit(tmp_path) is None  # a repository that does not track the package (a venv inside a project)
+    assert provenance.source_commit(tmp_path) is None  # a repository that does not track the package (a venv inside a project)

@@ -8,7 +8,8 @@ import sys
 
 from ntk_attention.cli import build_parser
 from ntk_attention.training import methods
-from ntk_attention.training.compare import default_grid, parse_variant, train_command
+from ntk_attention.training.compare.runs import train_command
+from ntk_attention.training.compare.variants import default_grid, parse_variant
 from ntk_attention.training.options import run_option_names
 from ntk_attention.tuners import NTKConfig, PrefixConfig
 

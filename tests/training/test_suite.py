@@ -374,7 +374,7 @@ def test_missing_data_file_and_package_are_named(tmp_path):
 def test_every_committed_suite_reads_and_its_variants_build():
     from pathlib import Path
 
-    from ntk_attention.training.compare import check_configs, parse_variant
+    from ntk_attention.training.compare.variants import check_configs, parse_variant
 
     files = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "suites").glob("*.toml"))
     assert len(files) >= 10
@@ -414,7 +414,7 @@ def test_ntk_against_prefix_keeps_full_state_variants_only():
 
 
 def test_grid_edge_says_which_rows_a_wider_grid_could_move():
-    from ntk_attention.training.compare import grid_edge
+    from ntk_attention.training.compare.report import grid_edge
 
     def row(chosen, *rates):
         return {"learning_rate": chosen, "validation_grid": {f"{rate:g}": 0.5 for rate in rates}}

@@ -27,8 +27,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import save_figure, write_json, write_jsonl, write_text
-from .compare import format_rates, grid_edge, missing_rates, validation_score
+from ..io import save_figure, write_json, write_text
+from .compare.report import format_rates, grid_edge, missing_rates, validation_score
 from .plots import draw_methods
 
 # metric -> (what train/compare report it from, higher is better)
@@ -256,7 +256,6 @@ def image_rows(suite: Suite, data_root: str, folder: str) -> tuple[list[dict], l
 def prepare_data(suite: Suite, data_root: str, folder: str) -> tuple[str, str]:
     """Write the suite's training rows and reported split as JSON lines into ``folder``; return both paths.
     Rewritten only when their content changes, so cached runs keep seeing the same files."""
-    data = suite.data
     if suite.task == "image-classification":
         train_rows, eval_rows = image_rows(suite, data_root, folder)
     else:
