@@ -413,6 +413,19 @@ def test_ntk_against_prefix_keeps_full_state_variants_only():
     assert ntk_against(methods, True, "accuracy", "lora") is None
 
 
+def test_lead_table_says_how_many_seeds_a_cell_averages():
+    """A mean over fewer seeds than the task's fullest row is marked, so it is not read as a 3-seed mean."""
+    def row(method, params, seeds, mean):
+        return {"method": method, "trainable_params": params, "mean": mean, "std": 0.01 if seeds > 1 else 0.0,
+                "seeds": seeds}
+
+    task = {"title": "T", "task": "classification", "metric": "accuracy",
+            "methods": {"head": row("head", 0, 1, 0.5), "lora": row("lora", 73728, 3, 0.8),
+                        "prefix-m16": row("prefix", 73728, 2, 0.7), "ntk": row("ntk", 76032, 1, 0.6)}}
+    line = S.lead_table({"tasks": {"t": task}}).splitlines()[2].split(" | ")
+    assert line[1:5] == ["0.500", "0.800 ± 0.010 (74k)", "0.700 ± 0.010 (74k, 2 seeds)", "0.600 (76k, seed 0)"]
+
+
 def test_grid_edge_says_which_rows_a_wider_grid_could_move():
     from ntk_attention.training.compare.report import grid_edge
 

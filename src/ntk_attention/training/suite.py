@@ -391,8 +391,8 @@ TASK_ORDER = ("classification", "language-modeling", "causal-lm", "image-classif
 
 def lead_table(summary: dict) -> str:
     """The README's table: one row per task (its title), the suites' main labels (``base`` or ``head``,
-    ``lora``, ``prefix-m16``, ``ntk``, ``full``) and the two NTK yardsticks; mean ± std over seeds (or
-    "seed 0"), trainable parameters besides a new head in brackets."""
+    ``lora``, ``prefix-m16``, ``ntk``, ``full``) and the two NTK yardsticks; mean ± std over seeds ("seed 0"
+    for one, "N seeds" for fewer than the task's fullest row), trainable parameters besides a new head in brackets."""
     def short(n: int) -> str:
         return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{round(n / 1e3)}k" if n >= 1000 else str(n)
 
@@ -403,6 +403,8 @@ def lead_table(summary: dict) -> str:
         value, notes = f"{m['mean']:.{digits}f}", [short(m["trainable_params"])] if m["trainable_params"] else []
         if m["seeds"] > 1:
             value += f" ± {m['std']:.{digits}f}"
+            if m["seeds"] < max(row["seeds"] for row in task["methods"].values()):
+                notes.append(f"{m['seeds']} seeds")  # a main row still short of the task's seeds
         elif m["method"] not in ("base", "head"):
             notes.append("seed 0")
         return value + (f" ({', '.join(notes)})" if notes else "")
