@@ -85,6 +85,10 @@ def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data)
     assert train_rows[1] == {"text": "the film was bad", "text_pair": "it is bad", "label": 1}
     run = json.loads((work / "tiny-rte" / "ntk" / "seed0" / "adapter" / "training_run.json").read_text())
     assert run["text_pair_column"] == "text_pair"
+    # the recorded command is the one given: what the suite fixes is not spelled out beside --suite
+    command = json.loads((out / "tiny-rte.json").read_text())["command"]
+    assert command.startswith("ntk-attn compare --suite ") and "--data-root" in command
+    assert not any(word in command.split() for word in ("--variants", "--lr-grid", "--suite-variants", "--epochs"))
     summary = json.loads((out / "suite.json").read_text())
     task = summary["tasks"]["tiny-rte"]
     assert task["metric"] == "accuracy" and task["higher_is_better"] is True and task["model"] == tiny_bert

@@ -133,6 +133,8 @@ def apply_suite(args) -> dict | None:
 
 
 def run(args) -> int:
+    # the command as given: apply_suite fills args with what the suite fixes, which may not be given beside it
+    command = command_line(args)
     suite = apply_suite(args)
     # two calls on one result file would each write back only the rows they read at their start
     os.makedirs(args.out_dir, exist_ok=True)
@@ -143,10 +145,10 @@ def run(args) -> int:
         raise ValueError(f"{os.path.join(args.out_dir, args.name)}.json: another compare call is writing it; wait for "
                          "it to end or choose another --out-dir") from None
     with held:
-        return compare_variants(args, suite)
+        return compare_variants(args, suite, command)
 
 
-def compare_variants(args, suite: dict | None) -> int:
+def compare_variants(args, suite: dict | None, command: str) -> int:
     """Train (or keep) every variant, choose on validation, and write ``<out-dir>/<name>.json`` and its report."""
     variants = [parse_variant(spec) for spec in args.variants]
     if len({v.label for v in variants}) != len(variants):
@@ -156,7 +158,7 @@ def compare_variants(args, suite: dict | None) -> int:
     grid = parse_grid(args.lr_grid, variants)
     if not args.seeds:
         raise ValueError("--seeds needs at least one seed")
-    record = {"name": args.name, "command": command_line(args),
+    record = {"name": args.name, "command": command,
               "machine": {**machine(), "note": args.machine_note},
               "budget": {name: getattr(args, name) for name in run_option_names() if getattr(args, name, None) is not None},
               "seeds": args.seeds,
