@@ -140,7 +140,7 @@ def test_variant_and_grid_specs():
         parse_variant("full:seeds=1")
     with pytest.raises(ValueError, match="unknown method"):
         parse_variant("x=adapter")
-    with pytest.raises(ValueError, match="naming one of"):
+    with pytest.raises(ValueError, match=r"--lr-grid .full.: names none of the variants"):
         parse_grid(["full=1e-5"], variants)
     with pytest.raises(ValueError, match="must be numbers"):
         parse_grid(["lora=fast"], variants)

@@ -120,6 +120,24 @@ def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data)
         cli.main(argv + ["--only", "nope"])
 
 
+def test_a_suite_call_is_planned_from_the_file_as_written(tmp_path, tiny_bert, pair_data):
+    from ntk_attention.training import compare
+
+    def planned(body, *extra):
+        argv, _, _ = suite_argv(tmp_path, tiny_bert, pair_data, body)
+        parser, rest = cli.build_parser(argv + list(extra))
+        return compare.plan(parser.parse_args(rest))
+
+    # rates keep every digit the file gives (they once went through '%g', six significant digits)
+    call = planned(PAIR_SUITE.replace("ntk = [1e-3]", "ntk = [1.2345678e-3]\n\"ntk-m4\" = [3e-3]"), "--only", "ntk-m4")
+    assert [v.label for v in call.rows] == ["head", "ntk", "ntk-m4", "lora"]  # the result's rows, in the file's order
+    assert [v.label for v in call.variants] == ["ntk-m4"] and call.variants[0].seeds == 1  # not a main row: one seed
+    assert call.rows_grid == {"head": [1e-2], "ntk": [1.2345678e-3], "ntk-m4": [3e-3], "lora": [1e-3]}
+    assert call.grid == {"ntk-m4": [3e-3]}
+    with pytest.raises(ValueError, match=r"\[lr_grid\] 'prefix': names none of the variants"):
+        planned(PAIR_SUITE.replace("lora = [1e-3]", "lora = [1e-3]\nprefix = [1e-2]"))
+
+
 def test_results_outlive_the_work_dir_and_only_updates_rows(tmp_path, tiny_bert, pair_data):
     """The work dir is a cache (a new machine has none): rows of the earlier result that are today's
     variants are kept without training; a row whose resolved defaults changed is not, nor one whose grid
@@ -378,14 +396,16 @@ def test_missing_data_file_and_package_are_named(tmp_path):
 def test_every_committed_suite_reads_and_its_variants_build():
     from pathlib import Path
 
-    from ntk_attention.training.compare.variants import check_configs, parse_variant
+    from ntk_attention.training.compare.variants import assign_grid, check_configs, parse_variant
 
     files = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "suites").glob("*.toml"))
     assert len(files) >= 10
     for file in files:
         suite = S.load_suite(str(file))
         assert suite.name == file.stem
-        check_configs([parse_variant(spec) for spec in suite.variants], suite.task)  # every config field exists
+        variants = [parse_variant(spec) for spec in suite.variants]
+        check_configs(variants, suite.task)  # every config field exists
+        assign_grid(suite.lr_grid.items(), variants, source=str(file))  # every grid names a variant or its method
 
 
 def test_matthews_correlation():

@@ -35,6 +35,7 @@ import argparse
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import filelock
 
@@ -45,7 +46,7 @@ from .provenance import command_line, machine
 from .report import reported_metric, write_results
 from .resume import complete_row, earlier_record
 from .runs import run_variant
-from .variants import check_configs, check_starts, first_seed_only, parse_grid, parse_variant
+from .variants import Variant, assign_grid, check_configs, check_starts, first_seed_only, parse_grid, parse_variant
 
 # what may be given beside --suite (where runs go and how many at a time are compare's own options);
 # every other train option is the suite file's
@@ -84,16 +85,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(**dict.fromkeys(run_option_names()))
 
 
-def apply_suite(args) -> dict | None:
-    """Fill ``args`` from ``--suite`` (refusing what the suite fixes) and write its data; the suite's record."""
-    if args.suite is None:
-        for name in ("data_root", "only"):
-            if getattr(args, name) is not None:
-                raise ValueError(f"--{name.replace('_', '-')} needs --suite")
-        args.name = args.name or "sst2-minilm"
-        args.variants = args.variants or DEFAULT_VARIANTS
-        args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
-        return None
+@dataclass
+class Plan:
+    """What one call trains, and the rows its result holds (with a suite every variant of the suite,
+    in the suite's order; the rows it does not train are kept from an earlier result)."""
+    variants: list[Variant]
+    rows: list[Variant]
+    rows_grid: dict[str, list[float]]  # per label of ``rows``
+    suite: dict | None = None  # the suite's record
+
+    @property
+    def grid(self) -> dict[str, list[float]]:
+        return {v.label: self.rows_grid[v.label] for v in self.variants}
+
+
+def plan(args) -> Plan:
+    """The plan of a call: from ``--variants`` / ``--lr-grid``, or from ``--suite``."""
+    if args.suite is not None:
+        return apply_suite(args)
+    for name in ("data_root", "only"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} needs --suite")
+    args.name = args.name or "sst2-minilm"
+    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+    variants = [parse_variant(spec) for spec in args.variants or DEFAULT_VARIANTS]
+    check_labels(variants, "--variants")
+    return Plan(variants, variants, parse_grid(args.lr_grid, variants))
+
+
+def check_labels(variants: list[Variant], source: str) -> None:
+    if len({v.label for v in variants}) != len(variants):
+        raise ValueError(f"{source}: labels must be unique, got {[v.label for v in variants]}")
+
+
+def apply_suite(args) -> Plan:
+    """Fill ``args`` from ``--suite`` (refusing what the suite fixes), write its data, and plan the call."""
     from ...tuners.config import resolve_reference
     from .. import suite as S
 
@@ -104,19 +130,17 @@ def apply_suite(args) -> dict | None:
         raise ValueError(f"--suite {args.suite}: the suite file sets {', '.join('--' + n.replace('_', '-') for n in given)}; "
                          "edit the suite (or copy it) instead")
     suite = S.load_suite(args.suite)
-    labels = {parse_variant(spec).label: spec for spec in suite.variants}
-    unknown = sorted(set(args.only or []) - set(labels))
+    source = f"suite {args.suite}"
+    # every variant of the suite as it runs: the main rows at every seed, the other points at the first
+    rows = [first_seed_only(parse_variant(spec), suite.main_variants) for spec in suite.variants]
+    check_labels(rows, f"{source} variants")
+    unknown = sorted(set(args.only or []) - {v.label for v in rows})
     if unknown:
-        raise ValueError(f"--only {unknown}: not variants of {args.suite} (it has {sorted(labels)})")
+        raise ValueError(f"--only {unknown}: not variants of {args.suite} (it has {sorted(v.label for v in rows)})")
+    rows_grid = assign_grid(suite.lr_grid.items(), rows, source=f"{source} [lr_grid]")
+    variants = [v for v in rows if v.label in args.only] if args.only else rows
     args.name, args.task = suite.name, suite.task
     args.metric = "mcc" if suite.metric == "mcc" else None  # else train's default: accuracy, or the loss
-    # every variant of the suite as it runs (earlier_record checks the kept rows against them)
-    args.suite_variants = [first_seed_only(spec, suite.main_variants) for spec in suite.variants]
-    args.suite_lr_grid = [f"{key}={','.join(f'{x:g}' for x in rates)}" for key, rates in suite.lr_grid.items()]
-    chosen = [labels[label] for label in args.only] if args.only else suite.variants
-    args.variants = [first_seed_only(spec, suite.main_variants) for spec in chosen]
-    args.lr_grid = [f"{key}={','.join(f'{x:g}' for x in rates)}" for key, rates in suite.lr_grid.items()
-                    if key in {parse_variant(spec).method for spec in args.variants} | {parse_variant(spec).label for spec in args.variants}]
     args.seeds = args.seeds if args.seeds is not None else suite.seeds
     args.model, args.gguf_file = resolve_reference(suite.model), suite.gguf_file
     args.ntk_adapter_max_params = suite.ntk_adapter_max_params
@@ -126,16 +150,17 @@ def apply_suite(args) -> dict | None:
     args.data, args.eval_data = S.prepare_data(suite, args.data_root or S.default_data_root(), data_folder)
     args.text_column = "text" if suite.task in ("classification", "language-modeling") else None
     args.text_pair_column = "text_pair" if "text_pair" in suite.data else None
-    return {"file": args.suite, "name": suite.name, "title": suite.title, "description": suite.description, "task": suite.task,
-            "metric": suite.metric, "higher_is_better": suite.higher_is_better, "model": suite.model,
-            "main_variants": suite.main_variants, "data": suite.data,
-            "data_sha256": S.data_fingerprint([args.data, args.eval_data])}
+    record = {"file": args.suite, "name": suite.name, "title": suite.title, "description": suite.description,
+              "task": suite.task, "metric": suite.metric, "higher_is_better": suite.higher_is_better,
+              "model": suite.model, "main_variants": suite.main_variants, "data": suite.data,
+              "data_sha256": S.data_fingerprint([args.data, args.eval_data])}
+    return Plan(variants, rows, rows_grid, record)
 
 
 def run(args) -> int:
     # the command as given: apply_suite fills args with what the suite fixes, which may not be given beside it
     command = command_line(args)
-    suite = apply_suite(args)
+    call = plan(args)
     # two calls on one result file would each write back only the rows they read at their start
     os.makedirs(args.out_dir, exist_ok=True)
     lock = filelock.FileLock(os.path.join(args.out_dir, f".{args.name}.json.lock"))
@@ -145,17 +170,14 @@ def run(args) -> int:
         raise ValueError(f"{os.path.join(args.out_dir, args.name)}.json: another compare call is writing it; wait for "
                          "it to end or choose another --out-dir") from None
     with held:
-        return compare_variants(args, suite, command)
+        return compare_variants(args, call, command)
 
 
-def compare_variants(args, suite: dict | None, command: str) -> int:
+def compare_variants(args, call: Plan, command: str) -> int:
     """Train (or keep) every variant, choose on validation, and write ``<out-dir>/<name>.json`` and its report."""
-    variants = [parse_variant(spec) for spec in args.variants]
-    if len({v.label for v in variants}) != len(variants):
-        raise ValueError(f"--variants: labels must be unique, got {[v.label for v in variants]}")
+    variants, grid, suite = call.variants, call.grid, call.suite
     check_starts(variants)
     check_configs(variants, args.task)
-    grid = parse_grid(args.lr_grid, variants)
     if not args.seeds:
         raise ValueError("--seeds needs at least one seed")
     record = {"name": args.name, "command": command,
@@ -163,12 +185,13 @@ def compare_variants(args, suite: dict | None, command: str) -> int:
               "budget": {name: getattr(args, name) for name in run_option_names() if getattr(args, name, None) is not None},
               "seeds": args.seeds,
               # with a suite, every row's grid as the suite states it, the rows this call does not run included
-              "lr_grid": parse_grid(args.suite_lr_grid, list(map(parse_variant, args.suite_variants))) if suite else grid,
+              "lr_grid": call.rows_grid,
               "selection": "learning rate and best epoch on a validation slice of the training data (first seed); "
                            "dev mean/std over seeds at that rate; std is the sample std (n-1)"}
     if suite:
         record["suite"] = suite
-    earlier, partial, earlier_best = earlier_record(args, record, {v.label for v in variants}) if suite else ({}, {}, None)
+    earlier, partial, earlier_best = earlier_record(args, record, call.rows, {v.label for v in variants}) \
+        if suite else ({}, {}, None)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {}
@@ -182,7 +205,7 @@ def compare_variants(args, suite: dict | None, command: str) -> int:
         measured_by = {"command": record["command"], "machine": record["machine"]}
         ran = {label: {**future.result(), "measured_by": measured_by} for label, future in futures.items()
                if label not in earlier}
-    order = [parse_variant(spec).label for spec in args.suite_variants] if suite else list(futures)
+    order = [v.label for v in call.rows]
     record["methods"] = {label: ran.get(label) or earlier[label] for label in order if label in ran or label in earlier}
     record["metric"], record["higher_is_better"] = reported_metric(record)
     record["wall_seconds"] = time.perf_counter() - start

@@ -11,16 +11,17 @@ from ..options import parse_options
 from .report import format_rates, missing_rates
 from .runs import (SCORE_NAMES, check_run, reported_scores, run_folder, run_once, seed_statistics, selection_metric,
                    summarize, train_command, train_seed)
-from .variants import Variant, expected_seeds, parse_variant, variant_fields
+from .variants import Variant, expected_seeds, variant_fields
 
 # Budget entries that name where things are on one machine, or only change the speed: an earlier
 # result measured under other values still stands.
 LOCAL_BUDGET_KEYS = ("data", "eval_data", "model", "threads")
 
 
-def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dict], dict[str, dict], str | None]:
-    """Rows of ``<out-dir>/<name>.json`` (an earlier call) that stand for variants of the suite as it is
-    now: the same suite, data, model and budget, and per row the same method, resolved fields, start,
+def earlier_record(args, record: dict, rows: list[Variant], running: set[str]
+                   ) -> tuple[dict[str, dict], dict[str, dict], str | None]:
+    """Rows of ``<out-dir>/<name>.json`` (an earlier call) that stand for ``rows``, the variants of the
+    suite as it is now: the same suite, data, model and budget, and per row the same method, resolved fields, start,
     learning-rate grid and seeds. They are kept without training, so results outlive the work dir and
     ``--only`` updates rows instead of dropping the others. Rows that no longer match are dropped (and
     named). Rows of variants this call does not run (``running``) are kept at the seeds they had; a row
@@ -48,11 +49,11 @@ def earlier_record(args, record: dict, running: set[str]) -> tuple[dict[str, dic
     if differ:
         print(f"{path}: no row kept, another setting: " + ", ".join(differ), flush=True)
         return {}, {}, None
-    suite_variants = {v.label: v for v in map(parse_variant, args.suite_variants)}
+    by_label = {v.label: v for v in rows}
     grid = record["lr_grid"]
     kept, partial = {}, {}
     for label, row in old["methods"].items():
-        variant = suite_variants.get(label)
+        variant = by_label.get(label)
         if variant is None:
             why = "no longer a variant of the suite"
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import methods
 from ..options import parse_options
@@ -80,18 +80,29 @@ def default_grid(method: str) -> list[float]:
 
 def parse_grid(specs: list[str], variants: list[Variant]) -> dict[str, list[float]]:
     """Learning-rate grid per variant: method defaults, overridden by ``LABEL_OR_METHOD=lr,lr``."""
-    grid = {v.label: default_grid(v.method) for v in variants}
+    rates_by_key = []
     for spec in specs:
         key, sep, values = spec.partition("=")
-        targets = [v.label for v in variants if key in (v.label, v.method)]
-        if not sep or not targets:
-            raise ValueError(f"--lr-grid {spec!r}: expected VARIANT_OR_METHOD=lr,lr,... naming one of {sorted(grid)}")
+        if not sep:
+            raise ValueError(f"--lr-grid {spec!r}: expected VARIANT_OR_METHOD=lr,lr,... naming one of "
+                             f"{sorted(v.label for v in variants)}")
         try:
-            rates = [float(value) for value in values.split(",")]
+            rates_by_key.append((key, [float(value) for value in values.split(",")]))
         except ValueError:
             raise ValueError(f"--lr-grid {spec!r}: learning rates must be numbers") from None
+    return assign_grid(rates_by_key, variants, source="--lr-grid")
+
+
+def assign_grid(rates_by_key, variants: list[Variant], source: str) -> dict[str, list[float]]:
+    """Each variant's grid: its method's default, replaced by every ``(label or method, rates)`` that
+    names it, in order (the later wins)."""
+    grid = {v.label: default_grid(v.method) for v in variants}
+    for key, rates in rates_by_key:
+        targets = [v.label for v in variants if key in (v.label, v.method)]
+        if not targets:
+            raise ValueError(f"{source} {key!r}: names none of the variants {sorted(grid)} or their methods")
         for label in targets:
-            grid[label] = rates
+            grid[label] = list(rates)
     return grid
 
 
@@ -107,10 +118,9 @@ def expected_seeds(variant: Variant, seeds: list[int]) -> list[int]:
     return [] if variant.method == BASE else seeds[:variant.seeds or len(seeds)]
 
 
-def first_seed_only(spec: str, main_variants: list[str]) -> str:
-    """``spec`` limited to the first seed unless it is a main row (or says how many seeds it runs):
+def first_seed_only(variant: Variant, main_variants: list[str]) -> Variant:
+    """``variant`` limited to the first seed unless it is a main row (or says how many seeds it runs):
     the main rows run every seed, the other points of the curves one."""
-    variant = parse_variant(spec)
     if not main_variants or variant.label in main_variants or variant.seeds or variant.method == BASE:
-        return spec
-    return f"{spec}:seeds=1" if "=" in spec else f"{spec}={spec}:seeds=1"
+        return variant
+    return replace(variant, seeds=1)
