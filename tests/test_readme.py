@@ -34,14 +34,16 @@ def test_readme_python_blocks_run_in_order_offline(tmp_path):
     assert list(workdir.iterdir()) == []  # the blocks write only to the temporary folders they make
 
 
-def test_readme_lead_table_is_the_committed_suite_summary():
-    """The README's cross-task table is what `lead_table` renders from the committed suite.json, cell by cell."""
+def test_readme_tables_are_the_committed_suite_summary():
+    """The README's cross-task table and its table of every curve point are what `lead_table` and
+    `variant_table` render from the committed suite.json, cell by cell."""
     import json
 
-    from ntk_attention.training.suite import lead_table
+    from ntk_attention.training.suite import lead_table, variant_table
 
     summary = json.loads((README.parent / "benchmarks" / "results" / "suite" / "suite.json").read_text())
-    table = lead_table(summary)
-    assert table.count("\n") == len(summary["tasks"]) + 2
-    assert table in README.read_text()
-    assert table in (README.parent / "benchmarks" / "results" / "suite" / "suite.md").read_text()
+    labels = {label for task in summary["tasks"].values() for label in task["methods"]}
+    for table, rows in ((lead_table(summary), len(summary["tasks"])), (variant_table(summary), len(labels))):
+        assert table.count("\n") == rows + 2
+        assert table in README.read_text()
+        assert table in (README.parent / "benchmarks" / "results" / "suite" / "suite.md").read_text()

@@ -437,6 +437,31 @@ def test_ntk_against_prefix_keeps_full_state_variants_only():
     assert ntk_against(methods, True, "accuracy", "lora") is None
 
 
+def test_variant_table_groups_rows_by_method_and_size_and_marks_edge_rates():
+    """Rows go base/head, LoRA, prefix, NTK, full, each by its count relative to LoRA r = 8 (median over tasks);
+    a cell without ± is one seed, and * marks a rate at an edge of its grid."""
+    def row(method, params, seeds=1, mean=0.5, edge=None):
+        return {"method": method, "trainable_params": params, "mean": mean, "std": 0.02 if seeds > 1 else 0.0,
+                "seeds": seeds, "grid_edge": edge}
+
+    small = {"title": "A", "task": "classification", "metric": "accuracy", "higher_is_better": True,
+             "methods": {"full": row("full", 10**7, 3), "ntk": row("ntk", 110, 3), "lora": row("lora", 100, 3, 0.8),
+                         "head": row("head", 0), "lora-r16": row("lora", 200, edge="upper edge"),
+                         "ntk-rank8": row("ntk", 50, edge="one rate"), "lora-r1": row("lora", 12)}}
+    lm = {"title": "B", "task": "language-modeling", "metric": "perplexity", "higher_is_better": False,
+          "methods": {"base": row("base", 0, mean=30.0), "lora": row("lora", 1000, 3, 20.0),
+                      "ntk-kv": row("ntk", 800, 2, 25.0, edge="lower edge")}}
+    lines = S.variant_table({"tasks": {"b": lm, "a": small}}).splitlines()
+    assert lines[0] == "| variant | a (accuracy) | b (perplexity, lower is better) |"
+    assert [line.split(" | ")[0][2:] for line in lines[2:]] == [
+        "base", "head", "lora-r1", "lora", "lora-r16", "ntk-rank8", "ntk-kv", "ntk", "full"]
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
+    assert cells["lora"] == ["0.800 ± 0.020 (100)", "20.00 ± 0.02 (1k) |"]
+    assert cells["lora-r16"][0] == "0.500 (200) *"  # one seed: no "seed 0" note in this table; the edge marked
+    assert cells["ntk-rank8"][0] == "0.500 (50)"  # a grid of one rate is not an edge
+    assert cells["ntk-kv"] == ["", "25.00 ± 0.02 (800, 2 seeds) * |"]
+
+
 def test_lead_table_says_how_many_seeds_a_cell_averages():
     """A mean over fewer seeds than the task's fullest row is marked, so it is not read as a 3-seed mean."""
     def row(method, params, seeds, mean):

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import statistics
 import string
 import tomllib
 from dataclasses import dataclass, field
@@ -389,76 +390,95 @@ def summary_plot(summary: dict, path: str) -> None:
 TASK_ORDER = ("classification", "language-modeling", "causal-lm", "image-classification")  # the lead table's row order
 
 
+def _short_count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{round(n / 1e3)}k" if n >= 1000 else str(n)
+
+
+def _digits(task: dict) -> int:
+    return 2 if task["metric"] == "perplexity" else 3
+
+
+def _cell(task: dict, label: str, seed_zero_note: bool = True) -> str:
+    """``mean ± std (params, notes)`` of one row of a task; a mean over fewer seeds than the task's fullest row
+    says how many, and (with ``seed_zero_note``) a single-seed trained row says "seed 0"."""
+    m, digits = task["methods"].get(label), _digits(task)
+    if m is None:
+        return ""
+    value, notes = f"{m['mean']:.{digits}f}", [_short_count(m["trainable_params"])] if m["trainable_params"] else []
+    if m["seeds"] > 1:
+        value += f" ± {m['std']:.{digits}f}"
+        if m["seeds"] < max(row["seeds"] for row in task["methods"].values()):
+            notes.append(f"{m['seeds']} seeds")  # a main row still short of the task's seeds
+    elif seed_zero_note and m["method"] not in ("base", "head"):
+        notes.append("seed 0")
+    return value + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _task_order(tasks: dict) -> list[str]:
+    return sorted(tasks, key=lambda name: (TASK_ORDER.index(tasks[name]["task"]), name))
+
+
 def lead_table(summary: dict) -> str:
     """The README's table: one row per task (its title), the suites' main labels (``base`` or ``head``,
     ``lora``, ``prefix-m16``, ``ntk``, ``full``) and the two NTK yardsticks; mean ± std over seeds ("seed 0"
     for one, "N seeds" for fewer than the task's fullest row), trainable parameters besides a new head in brackets."""
-    def short(n: int) -> str:
-        return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{round(n / 1e3)}k" if n >= 1000 else str(n)
-
-    def cell(task: dict, label: str, digits: int) -> str:
-        m = task["methods"].get(label)
-        if m is None:
-            return ""
-        value, notes = f"{m['mean']:.{digits}f}", [short(m["trainable_params"])] if m["trainable_params"] else []
-        if m["seeds"] > 1:
-            value += f" ± {m['std']:.{digits}f}"
-            if m["seeds"] < max(row["seeds"] for row in task["methods"].values()):
-                notes.append(f"{m['seeds']} seeds")  # a main row still short of the task's seeds
-        elif m["method"] not in ("base", "head"):
-            notes.append("seed 0")
-        return value + (f" ({', '.join(notes)})" if notes else "")
-
     lines = ["| task | untuned / head only | LoRA r = 8 | prefix m = 16 | NTK default | best NTK at or under LoRA's "
              "count (on validation) | NTK minus LoRA (+: NTK ahead) | best NTK at prefix m = 16's decode memory, minus "
              "prefix (+: NTK ahead) | "
              "full fine-tuning |", "|---|---|---|---|---|---|---|---|---|"]
     tasks = summary["tasks"]
-    order = sorted(tasks, key=lambda name: (TASK_ORDER.index(tasks[name]["task"]), name))
-    for name in order:
+    for name in _task_order(tasks):
         task = tasks[name]
-        digits = 2 if task["metric"] == "perplexity" else 3
+        digits = _digits(task)
         lora, prefix = task.get("ntk_vs_lora"), task.get("ntk_vs_prefix")
-        cells = [task["title"], cell(task, "base", digits) or cell(task, "head", digits), cell(task, "lora", digits),
-                 cell(task, "prefix-m16", digits), cell(task, "ntk", digits),
-                 f"{lora['ntk']}: {cell(task, lora['ntk'], digits)}" if lora else "",
+        cells = [task["title"], _cell(task, "base") or _cell(task, "head"), _cell(task, "lora"),
+                 _cell(task, "prefix-m16"), _cell(task, "ntk"),
+                 f"{lora['ntk']}: {_cell(task, lora['ntk'])}" if lora else "",
                  f"**{lora['difference']:+.{digits}f}**" if lora else "",
                  f"{prefix['ntk']}: **{prefix['difference']:+.{digits}f}**" if prefix else "no NTK variant that small",
-                 cell(task, "full", digits)]
+                 _cell(task, "full")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def summary_table(summary: dict) -> str:
-    """One row per variant label, one column per task: mean ± std (seeds), trainable parameters below."""
+FAMILY_ORDER = ("base", "head", "lora", "prefix", "ntk", "full")  # the variant table's row groups
+
+
+def variant_table(summary: dict) -> str:
+    """Every point of every task's curve: one row per variant label, grouped by method and ordered by size
+    (the median over tasks of its trainable count over LoRA r = 8's), one column per task. A cell is the
+    mean (± std over seeds; seed 0 alone otherwise) and the trainable count besides a new head; ``*`` marks
+    a learning rate chosen at an edge of its grid."""
     tasks = summary["tasks"]
-    labels = []
+    order = _task_order(tasks)
+    sizes = {}
     for task in tasks.values():
-        labels += [label for label in task["methods"] if label not in labels]
-    header = "| variant | " + " | ".join(
-        f"{name} ({t['metric']}, {'higher' if t['higher_is_better'] else 'lower'} is better)" for name, t in tasks.items()) + " |"
-    lines = [header, "|---|" + "---|" * len(tasks)]
+        lora = task["methods"].get("lora", {}).get("trainable_params")
+        for label, m in task["methods"].items():
+            sizes.setdefault(label, (m["method"], []))[1].append(m["trainable_params"] / lora if lora else 0.0)
+    labels = sorted(sizes, key=lambda label: (FAMILY_ORDER.index(sizes[label][0]), statistics.median(sizes[label][1]), label))
+    header = [f"{name} ({tasks[name]['metric']}{'' if tasks[name]['higher_is_better'] else ', lower is better'})" for name in order]
+    lines = ["| variant | " + " | ".join(header) + " |", "|---|" + "---|" * len(order)]
     for label in labels:
         cells = []
-        for task in tasks.values():
-            m = task["methods"].get(label)
-            if m is None:
-                cells.append("")
-                continue
-            spread = f" ± {m['std']:.3f}" if m["seeds"] > 1 else ""
-            cells.append(f"{m['mean']:.3f}{spread} ({m['seeds']}) · {m['trainable_params']:,}")
+        for name in order:
+            cell = _cell(tasks[name], label, seed_zero_note=False)
+            edge = tasks[name]["methods"].get(label, {}).get("grid_edge") in ("lower edge", "upper edge")
+            cells.append(cell + (" *" if edge else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for key, against in (("ntk_vs_lora", "LoRA r=8's count"), ("ntk_vs_prefix", "prefix m=16's decode memory")):
-        gaps = [(name, t[key]) for name, t in tasks.items() if t.get(key)]
-        if gaps:
-            lines += ["", f"| task | best NTK at or under {against} (chosen on validation) | NTK minus {gaps[0][1]['reference']} "
-                      "(positive: NTK ahead) |", "|---|---|---|"]
-            lines += [f"| {name} | {g['ntk']} ({g['ntk_params']:,} vs {g['reference_params']:,}) | {g['difference']:+.3f} |"
-                      for name, g in gaps]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(summary: dict) -> str:
+    """``variant_table``, then what could still move its rows: learning rates at an edge of their grid, and
+    rates of the suite files' grids not run yet."""
+    tasks = summary["tasks"]
+    lines = [variant_table(summary).rstrip("\n"), "",
+             "Cells: mean ± std over seeds (a mean without ± is seed 0 alone), trainable parameters besides a new "
+             "classification head in brackets; * the learning rate sits at an edge of its grid. Each task's command "
+             "is in its own JSON (`file`)."]
     edges = [f"{name} {label} ({m['learning_rate']:g}, {m['grid_edge']})" for name, t in tasks.items()
              for label, m in t["methods"].items() if m.get("grid_edge")]
-    lines += ["", "Cells: mean ± std over seeds (number of seeds) · trainable parameters besides the new "
-              "classification head. Each task's command is in its own JSON (`file`)."]
     if edges:
         lines += ["", "Learning rates chosen at an edge of their grid, or from a grid of one rate (a wider grid "
                   "could still move these rows): " + "; ".join(edges) + "."]
