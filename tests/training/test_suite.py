@@ -462,6 +462,24 @@ def test_variant_table_groups_rows_by_method_and_size_and_marks_edge_rates():
     assert cells["ntk-kv"] == ["", "25.00 ± 0.02 (800, 2 seeds) * |"]
 
 
+def test_summary_counts_the_training_behind_its_rows():
+    """A row's runs are every rate of its grid at the first seed plus one per further seed (none for the
+    untuned model), and suite.md sums train seconds times runs per task and in all."""
+    assert S.training_runs({"method": "lora", "validation_grid": {"0.001": 0.8, "0.003": 0.7}, "seeds": [0, 1, 2]}) == 4
+    assert S.training_runs({"method": "head", "validation_grid": {}, "seeds": [0]}) == 1
+    assert S.training_runs({"method": "base", "validation_grid": {}, "seeds": []}) == 0
+
+    def row(method, seconds, runs):
+        return {"method": method, "trainable_params": 10, "mean": 0.5, "std": 0.0, "seeds": 1,
+                "train_seconds": seconds, "runs": runs}
+
+    tasks = {"b": {"title": "B", "task": "language-modeling", "metric": "perplexity", "higher_is_better": False,
+                   "methods": {"base": row("base", 0.0, 0), "lora": row("lora", 1800.0, 5)}},
+             "a": {"title": "A", "task": "classification", "metric": "accuracy", "higher_is_better": True,
+                   "methods": {"lora": row("lora", 360.0, 5), "ntk": row("ntk", 720.0, 5)}}}
+    assert "Training behind these rows: about 4 core-hours (a 1.5, b 2.5)" in S.summary_table({"tasks": tasks})
+
+
 def test_lead_table_says_how_many_seeds_a_cell_averages():
     """A mean over fewer seeds than the task's fullest row is marked, so it is not read as a 3-seed mean."""
     def row(method, params, seeds, mean):

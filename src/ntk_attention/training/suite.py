@@ -325,7 +325,8 @@ def write_summary(out_dir: str) -> dict:
                               "mean": m[f"dev_{metric}"], "std": m[f"dev_{metric}_std"], "seeds": len(m["seeds"]) or 1,
                               "per_seed": m[f"dev_{metric}_per_seed"], "learning_rate": m["learning_rate"],
                               "config": m["config"], "grid_edge": grid_edge(m),
-                              "rates_not_run": missing_rates(m, record.get("lr_grid", {}).get(label, []))}
+                              "rates_not_run": missing_rates(m, record.get("lr_grid", {}).get(label, [])),
+                              "train_seconds": m["train_seconds"], "runs": training_runs(m)}
         tasks[suite["name"]] = {"title": suite.get("title") or suite["name"], "task": suite["task"], "metric": metric,
                                 "higher_is_better": suite["higher_is_better"], "model": suite["model"], "file": file.name, "command": record["command"],
                                 "main_variants": suite.get("main_variants", []), "methods": methods,
@@ -338,6 +339,14 @@ def write_summary(out_dir: str) -> dict:
     if tasks:
         summary_plot(summary, os.path.join(out_dir, "suite.png"))
     return summary
+
+
+def training_runs(row: dict) -> int:
+    """How many training runs stand behind a result row: every rate of its grid at the first seed, then one
+    run per further seed (0 for the untuned model)."""
+    if row["method"] == "base":
+        return 0
+    return len(row.get("validation_grid") or {None: None}) + len(row["seeds"]) - 1
 
 
 def ntk_against(methods: dict, higher_is_better: bool, metric: str, reference: str, full_state_only: bool = False) -> dict | None:
@@ -487,4 +496,10 @@ def summary_table(summary: dict) -> str:
     if not_run:
         lines += ["", "Rates of the suite files' grids not run yet (these rows were chosen among the others): "
                   + "; ".join(not_run) + "."]
+    hours = {name: sum(m["train_seconds"] * m["runs"] for m in t["methods"].values()) / 3600 for name, t in tasks.items()}
+    lines += ["", f"Training behind these rows: about {sum(hours.values()):.0f} core-hours ("
+              + ", ".join(f"{name} {hours[name]:.1f}" for name in _task_order(tasks))
+              + "): each row's train seconds at its chosen rate times its runs (every rate of its grid at the first "
+              "seed, one run per further seed), on the machine in each task's JSON; scoring, generation and data "
+              "preparation not counted."]
     return "\n".join(lines) + "\n"
