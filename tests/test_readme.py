@@ -45,5 +45,22 @@ def test_readme_tables_are_the_committed_suite_summary():
     labels = {label for task in summary["tasks"].values() for label in task["methods"]}
     for table, rows in ((lead_table(summary), len(summary["tasks"])), (variant_table(summary), len(labels))):
         assert table.count("\n") == rows + 2
-        assert table in README.read_text()
+        assert table in README.read_text(), "python benchmarks/readme_tables.py puts suite.json's tables in the README"
         assert table in (README.parent / "benchmarks" / "results" / "suite" / "suite.md").read_text()
+
+
+def test_readme_tables_script_replaces_each_table_by_its_header(tmp_path):
+    """`benchmarks/readme_tables.py` turns a README with stale tables into the committed one, and refuses a
+    README where a table's header row is missing, naming it."""
+    script, text = README.parent / "benchmarks" / "readme_tables.py", README.read_text()
+    base_row = next(line for line in text.splitlines() if line.startswith("| base |"))
+    stale = tmp_path / "README.md"
+    stale.write_text(text.replace(base_row, "| base | 0.1 |"))
+    done = subprocess.run([sys.executable, str(script), "--readme", str(stale)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert stale.read_text() == text
+    header = next(line for line in text.splitlines() if line.startswith("| variant |"))
+    stale.write_text(text.replace(header, "| variant | renamed |"))
+    done = subprocess.run([sys.executable, str(script), "--readme", str(stale)], capture_output=True, text=True)
+    assert done.returncode != 0 and "0 tables headed '| variant |" in done.stderr
+    assert stale.read_text() == text.replace(header, "| variant | renamed |")  # left as it was
