@@ -343,10 +343,10 @@ def write_summary(out_dir: str) -> dict:
 
 def training_runs(row: dict) -> int:
     """How many training runs stand behind a result row: every rate of its grid at the first seed, then one
-    run per further seed (0 for the untuned model)."""
-    if row["method"] == "base":
+    run per further seed (none for the untuned model, which has no seeds)."""
+    if not row["seeds"]:
         return 0
-    return len(row.get("validation_grid") or {None: None}) + len(row["seeds"]) - 1
+    return max(len(row.get("validation_grid") or {}), 1) + len(row["seeds"]) - 1
 
 
 def ntk_against(methods: dict, higher_is_better: bool, metric: str, reference: str, full_state_only: bool = False) -> dict | None:
