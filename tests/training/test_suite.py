@@ -435,6 +435,43 @@ def test_ntk_against_prefix_keeps_full_state_variants_only():
     at_memory = ntk_against(methods, True, "accuracy", "prefix-m16", full_state_only=True)
     assert at_memory["ntk"] == "ntk" and at_memory["difference"] == pytest.approx(-0.03)
     assert ntk_against(methods, True, "accuracy", "lora") is None
+    on_dev = ntk_against(methods | {"ntk-small": row("ntk", 200, 0.70, 0.85)}, True, "accuracy", "prefix-m16",
+                         score=lambda m: m["dev_accuracy"])
+    assert on_dev["ntk"] == "ntk-small" and on_dev["difference"] == pytest.approx(0.07)
+
+
+def test_selection_check_reads_committed_results_and_compares_choices(tmp_path):
+    """benchmarks/selection_check.py: the validation/reported rank correlation over trained rows (ties share a
+    rank) and the NTK row chosen on validation against the best on the reported metric, with their gaps."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def row(method, params, validation, dev):
+        return {"method": method, "trainable_params_excl_head": params, "learning_rate": 1e-3, "seeds": [0],
+                "validation_grid": {"0.001": validation}, "selection_metric": "loss", "dev_perplexity": dev, "config": {}}
+
+    record = {"suite": {"name": "lm", "metric": "perplexity", "higher_is_better": False},
+              "methods": {"base": {"method": "base", "trainable_params_excl_head": 0, "dev_perplexity": 40.0},
+                          "lora": row("lora", 100, 3.0, 20.0), "ntk": row("ntk", 90, 3.2, 26.0),
+                          "ntk-kv": row("ntk", 50, 3.2, 24.0), "full": row("full", 10**6, 2.9, 18.0)}}
+    (tmp_path / "lm.json").write_text(json.dumps(record))
+    (tmp_path / "suite.json").write_text(json.dumps({"tasks": {}}))  # no 'suite' field: skipped
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "selection_check.py"
+    out = tmp_path / "check.json"
+    done = subprocess.run([sys.executable, str(script), "--results", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    task = json.loads(out.read_text())["tasks"]["lm"]
+    assert task["rows"] == 4  # base has no validation grid
+    # ranks (label order full, lora, ntk, ntk-kv): validation 4, 3, 1.5, 1.5 (a tie); reported 4, 3, 1, 2
+    assert task["rank_correlation"] == pytest.approx(3 / math.sqrt(10))
+    assert task["chosen"]["ntk"] == "ntk" and task["chosen"]["difference"] == pytest.approx(-6.0)
+    assert task["best_reported"]["ntk"] == "ntk-kv" and task["best_reported"]["difference"] == pytest.approx(-4.0)
+    assert "| lm | perplexity | 4 | 0.95 | ntk (1 seed) | -6.000 | ntk-kv (1 seed) | -4.000 |" in out.with_suffix(".md").read_text()
+    empty = subprocess.run([sys.executable, str(script), "--results", str(tmp_path / "none")],
+                           capture_output=True, text=True, timeout=120)
+    assert empty.returncode != 0 and "no suite results" in empty.stderr
 
 
 def test_variant_table_groups_rows_by_method_and_size_and_marks_edge_rates():

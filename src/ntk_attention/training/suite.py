@@ -24,9 +24,15 @@ import random
 import re
 import statistics
 import string
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the project supports 3.10, whose standard library has no TOML reader
+    import tomli as tomllib
 
 from ..io import save_figure, write_json, write_text
 from .compare.report import format_rates, grid_edge, missing_rates, validation_score
@@ -349,14 +355,16 @@ def training_runs(row: dict) -> int:
     return max(len(row.get("validation_grid") or {}), 1) + len(row["seeds"]) - 1
 
 
-def ntk_against(methods: dict, higher_is_better: bool, metric: str, reference: str, full_state_only: bool = False) -> dict | None:
+def ntk_against(methods: dict, higher_is_better: bool, metric: str, reference: str, full_state_only: bool = False,
+                score: Callable[[dict], float] = validation_score) -> dict | None:
     """The issue's yardstick: the NTK variant at or under ``reference``'s parameter count (within 5%) that
     scores best on *validation* (first seed, best learning rate), and its reported mean minus the
     reference's (positive: NTK ahead, whichever way the metric points). None until both have run.
 
     ``full_state_only`` keeps NTK variants whose trainable count is their decode state (no ``rank``):
     against a prefix without a projection, whose trainable count is its KV cache, that is a comparison
-    at equal decode memory."""
+    at equal decode memory. ``score`` (higher is better) ranks the candidates; only
+    ``benchmarks/selection_check.py`` passes another, to ask what a choice on the reported rows would give."""
     if reference not in methods:
         return None
     budget = methods[reference]["trainable_params_excl_head"]
@@ -366,7 +374,7 @@ def ntk_against(methods: dict, higher_is_better: bool, metric: str, reference: s
     if not candidates:
         return None
 
-    label, best = max(candidates, key=lambda item: validation_score(item[1]))
+    label, best = max(candidates, key=lambda item: score(item[1]))
     difference = best[f"dev_{metric}"] - methods[reference][f"dev_{metric}"]
     return {"ntk": label, "ntk_params": best["trainable_params_excl_head"], "reference": reference,
             "reference_params": budget, "difference": difference if higher_is_better else -difference}
