@@ -43,9 +43,12 @@ def ranks(values: list[float]) -> list[float]:
     return result
 
 
-def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = ranks(x), ranks(y)
-    return statistics.correlation(rx, ry)
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation; None for fewer than two rows or a side with one value only."""
+    try:
+        return statistics.correlation(ranks(x), ranks(y))
+    except statistics.StatisticsError:
+        return None
 
 
 def check_task(record: dict) -> dict:
@@ -77,13 +80,15 @@ def markdown(results: dict, command: str) -> str:
              "the best NTK row on the reported metric itself (an upper bound; the suite never chooses so).", "",
              "| task | metric | rows | Spearman | chosen on validation | gap | best on the reported metric | gap |",
              "|---|---|---|---|---|---|---|---|"]
+
     def cells(choice: dict | None) -> str:
         if not choice:
             return " | "
         return f"{choice['ntk']} ({choice['seeds']} seed{'s' if choice['seeds'] > 1 else ''}) | {choice['difference']:+.3f}"
 
     for name, task in results.items():
-        lines.append(f"| {name} | {task['metric']} | {task['rows']} | {task['rank_correlation']:.2f} | "
+        correlation = "n/a" if task["rank_correlation"] is None else f"{task['rank_correlation']:.2f}"
+        lines.append(f"| {name} | {task['metric']} | {task['rows']} | {correlation} | "
                      f"{cells(task['chosen'])} | {cells(task['best_reported'])} |")
     return "\n".join(lines) + "\n"
 

@@ -469,6 +469,10 @@ def test_selection_check_reads_committed_results_and_compares_choices(tmp_path):
     assert task["chosen"]["ntk"] == "ntk" and task["chosen"]["difference"] == pytest.approx(-6.0)
     assert task["best_reported"]["ntk"] == "ntk-kv" and task["best_reported"]["difference"] == pytest.approx(-4.0)
     assert "| lm | perplexity | 4 | 0.95 | ntk (1 seed) | -6.000 | ntk-kv (1 seed) | -4.000 |" in out.with_suffix(".md").read_text()
+    (tmp_path / "lm.json").write_text(json.dumps({**record, "methods": {"lora": record["methods"]["lora"]}}))
+    one_row = subprocess.run([sys.executable, str(script), "--results", str(tmp_path)], capture_output=True, text=True,
+                             timeout=120)
+    assert one_row.returncode == 0 and "| lm | perplexity | 1 | n/a |  |  |  |  |" in one_row.stdout  # no correlation, no NTK row
     empty = subprocess.run([sys.executable, str(script), "--results", str(tmp_path / "none")],
                            capture_output=True, text=True, timeout=120)
     assert empty.returncode != 0 and "no suite results" in empty.stderr
