@@ -19,28 +19,21 @@ exact match of its final number). Two questions, per task, with no training:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 from ntk_attention.io import write_json, write_text
 from ntk_attention.training.compare.report import validation_score
-from ntk_attention.training.suite import ntk_against
+from ntk_attention.training.suite import ntk_against, suite_records
 
 
 def ranks(values: list[float]) -> list[float]:
     """1-based ranks, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    result = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for position in range(start, end + 1):
-            result[order[position]] = (start + end) / 2 + 1
-        start = end + 1
-    return result
+    first, last = {}, {}
+    for position, value in enumerate(sorted(values), start=1):
+        first.setdefault(value, position)
+        last[value] = position
+    return [(first[value] + last[value]) / 2 for value in values]
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
@@ -99,11 +92,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the figures here (JSON) and beside it (.md)")
     args = parser.parse_args()
 
-    results = {}
-    for file in sorted(Path(args.results).glob("*.json")):
-        record = json.loads(file.read_text())
-        if "suite" in record:
-            results[record["suite"]["name"]] = check_task(record)
+    results = {record["suite"]["name"]: check_task(record) for _, record in suite_records(args.results)}
     if not results:
         raise SystemExit(f"no suite results (task JSONs with a 'suite' field) in {args.results}")
     command = f"python benchmarks/selection_check.py --results {args.results}" + (f" --out {args.out}" if args.out else "")

@@ -478,6 +478,22 @@ def test_selection_check_reads_committed_results_and_compares_choices(tmp_path):
     assert empty.returncode != 0 and "no suite results" in empty.stderr
 
 
+def test_committed_selection_check_is_the_committed_results():
+    """benchmarks/results/selection_check.md, which docs/default.md cites, is what the script gives on the committed
+    suite results, row by row (rerun it with --out when a row lands)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "benchmarks/selection_check.py", "--results", "benchmarks/results/suite"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    committed = (root / "benchmarks" / "results" / "selection_check.md").read_text()
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) > 2 and rows == [line for line in committed.splitlines() if line.startswith("| ")]
+
+
 def test_variant_table_groups_rows_by_method_and_size_and_marks_edge_rates():
     """Rows go base/head, LoRA, prefix, NTK, full, each by its count relative to LoRA r = 8 (median over tasks);
     a cell without ± is one seed, and * marks a rate at an edge of its grid."""

@@ -314,16 +314,21 @@ def data_fingerprint(paths) -> str:
 # ---------------------------------------------------------------- the summary across tasks
 
 
-def write_summary(out_dir: str) -> dict:
-    """Rebuild ``suite.json`` and ``suite.md`` in ``out_dir`` from every suite result there."""
-    tasks = {}
+def suite_records(out_dir: str):
+    """``(file, record)`` for every task result of a suite in ``out_dir`` (JSONs with a ``suite`` field), by name."""
     for file in sorted(Path(out_dir).glob("*.json")):
         if file.name == "suite.json":
             continue
         record = json.loads(file.read_text())
-        suite = record.get("suite")
-        if not suite:
-            continue
+        if record.get("suite"):
+            yield file, record
+
+
+def write_summary(out_dir: str) -> dict:
+    """Rebuild ``suite.json`` and ``suite.md`` in ``out_dir`` from every suite result there."""
+    tasks = {}
+    for file, record in suite_records(out_dir):
+        suite = record["suite"]
         metric = suite["metric"]
         methods = {}
         for label, m in record["methods"].items():
