@@ -95,6 +95,12 @@ def test_pair_suite_end_to_end_writes_suite_json(tmp_path, tiny_bert, pair_data)
     ntk = task["methods"]["ntk"]
     assert ntk["method"] == "ntk" and ntk["seeds"] == 2 and ntk["trainable_params"] > 0
     assert ntk["mean"] == pytest.approx(np.mean(ntk["per_seed"])) and ntk["std"] == pytest.approx(np.std(ntk["per_seed"], ddof=1))
+    # each seed's validation score at the chosen rate: the first seed's is its grid's
+    row = methods["ntk"]
+    assert len(row["validation_per_seed"]) == 2 and row["validation_per_seed"][0] == row["validation_grid"]["0.001"]
+    for seed, value in zip(row["seeds"], row["validation_per_seed"]):
+        run = json.loads((work / "tiny-rte" / "ntk" / f"seed{seed}" / "result.json").read_text())
+        assert value == run["after"]["validation"]["accuracy"]
     assert task["methods"]["head"]["trainable_params"] == 0
     assert ntk["grid_edge"] == "one rate"  # the file's grids have one rate each: nothing was chosen
     assert "tiny-rte ntk (0.001, one rate)" in (out / "suite.md").read_text()
@@ -186,7 +192,11 @@ def test_a_row_short_of_seeds_runs_only_the_seeds_it_lacks(tmp_path, tiny_bert, 
     argv, out, work = suite_argv(tmp_path, tiny_bert, pair_data, body.replace("seeds = [0, 1]", "seeds = [0]"), jobs=1)
     argv += ["--only", "ntk"]
     assert cli.main(argv) == 0
-    first = json.loads((out / "tiny-rte.json").read_text())["methods"]["ntk"]
+    record = json.loads((out / "tiny-rte.json").read_text())
+    first = record["methods"]["ntk"]
+    assert first["validation_per_seed"] == [first["validation_grid"][f"{first['learning_rate']:g}"]]
+    del record["methods"]["ntk"]["validation_per_seed"]  # as rows written before they were kept
+    (out / "tiny-rte.json").write_text(json.dumps(record))
     shutil.rmtree(work)
     (tmp_path / "rte.toml").write_text((tmp_path / "rte.toml").read_text().replace("seeds = [0]", "seeds = [0, 1]"))
     assert cli.main(argv) == 0
@@ -200,7 +210,8 @@ def test_a_row_short_of_seeds_runs_only_the_seeds_it_lacks(tmp_path, tiny_bert, 
     fresh_argv, fresh_out, _ = suite_argv(tmp_path / "fresh", tiny_bert, pair_data, body, jobs=1)
     assert cli.main(fresh_argv + ["--only", "ntk"]) == 0
     fresh = json.loads((fresh_out / "tiny-rte.json").read_text())["methods"]["ntk"]
-    for key in ("dev_accuracy", "dev_accuracy_std", "dev_accuracy_per_seed", "dev_loss_per_seed", "learning_rate", "best_epoch_per_seed"):
+    for key in ("dev_accuracy", "dev_accuracy_std", "dev_accuracy_per_seed", "dev_loss_per_seed", "learning_rate",
+                "best_epoch_per_seed", "validation_per_seed"):
         assert extended[key] == pytest.approx(fresh[key]), key
 
 
@@ -245,12 +256,46 @@ def test_a_widened_grid_trains_only_the_rates_it_adds(tmp_path, tiny_bert, pair_
     fresh_argv, fresh_out, _ = suite_argv(tmp_path / "fresh", tiny_bert, pair_data, fresh_body, jobs=1)
     assert cli.main(fresh_argv + ["--only", "ntk"]) == 0
     fresh = json.loads((fresh_out / "tiny-rte.json").read_text())["methods"]["ntk"]
-    for key in ("dev_accuracy", "dev_accuracy_per_seed", "dev_loss_per_seed", "learning_rate", "best_epoch_per_seed"):
+    for key in ("dev_accuracy", "dev_accuracy_per_seed", "dev_loss_per_seed", "learning_rate", "best_epoch_per_seed",
+                "validation_per_seed"):
         assert moved[key] == pytest.approx(fresh[key]), key
     # a grid that drops an earlier rate is another grid: the row trains again from the start
     suite.write_text(suite.read_text().replace("ntk = [1e-3, 3e-3]", "ntk = [3e-3, 1e-2]"))
     assert cli.main(argv) == 0
     assert (work / "tiny-rte" / "ntk" / "seed0" / "result.json").is_file()
+
+
+def test_jobs_bounds_train_processes_and_runs_a_rows_later_seeds_together(tmp_path, tiny_bert, pair_data, monkeypatch):
+    """--jobs 2: the seeds after a row's first train at the same time, and the call never has more than two
+    train processes, however rows and seeds overlap."""
+    import subprocess
+    import threading
+    import time
+
+    from ntk_attention.training.compare import runs
+
+    running, most, spans, lock, real_run = [0], [0], {}, threading.Lock(), subprocess.run
+    def counted(command, **kwargs):
+        if "--output-dir" not in command:  # git, for the provenance
+            return real_run(command, **kwargs)
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        start = time.monotonic()
+        try:
+            return real_run(command, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+                spans[command[command.index("--output-dir") + 1]] = (start, time.monotonic())
+    monkeypatch.setattr(runs.subprocess, "run", counted)
+    argv, out, work = suite_argv(tmp_path, tiny_bert, pair_data, PAIR_SUITE.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"), jobs=2)
+    assert cli.main(argv + ["--only", "ntk", "lora"]) == 0
+    methods = json.loads((out / "tiny-rte.json").read_text())["methods"]
+    assert methods["ntk"]["seeds"] == [0, 1, 2] and methods["lora"]["seeds"] == [0]
+    assert len(spans) == 4 and most[0] == 2 and running[0] == 0
+    one, two = (spans[str(work / "tiny-rte" / "ntk" / f"seed{seed}")] for seed in (1, 2))
+    assert one[0] < two[1] and two[0] < one[1]  # seeds 1 and 2 overlapped
 
 
 def test_a_second_call_on_the_same_result_file_is_refused_while_one_runs(tmp_path, tiny_bert, pair_data):

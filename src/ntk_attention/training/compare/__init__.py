@@ -2,8 +2,10 @@
 
 For each variant (a method plus config fields) the first seed runs ``ntk-attn train`` with the
 whole learning-rate grid, which picks the rate on the validation slice carved from the training
-data; the other seeds rerun at that rate. The reported split (``--eval-data``) gives the mean and
-standard deviation over seeds and chooses nothing. Every run is its own ``ntk-attn train``
+data; the other seeds rerun at that rate (each seed's validation score there is kept:
+``validation_per_seed``). ``--jobs N`` bounds the train processes of the whole call: rows, and a row's
+later seeds, run N at a time. The reported split (``--eval-data``) gives the mean and standard
+deviation over seeds and chooses nothing. Every run is its own ``ntk-attn train``
 process, so its train time and peak memory are its own, and a finished run is not run again:
 rerun the same command to continue after an interruption.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rates per variant or method (defaults: " + "; ".join(
                             f"{m.name} {','.join(f'{x:g}' for x in m.learning_rate_grid)}" for m in methods.REGISTRY.values()) + ")")
     parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=None, help="default: the suite's, else 0 1 2")
-    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (each its own process)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="train processes at a time: rows, and a row's seeds after its first, in parallel")
     parser.add_argument("--out-dir", default=os.path.join("runs", "results"),
                         help="where <name>.json, .md, -*.png and <name>/ntk/ go (default: %(default)s; the committed "
                              "results: benchmarks/results)")
@@ -193,6 +196,7 @@ def compare_variants(args, call: Plan, command: str) -> int:
     earlier, partial, earlier_best = earlier_record(args, record, call.rows, {v.label for v in variants}) \
         if suite else ({}, {}, None)
     start = time.perf_counter()
+    args.train_slots = threading.BoundedSemaphore(args.jobs)  # --jobs bounds the train processes, not the rows
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {}
         for v in variants:

@@ -9,8 +9,8 @@ import os
 from ..fit import selection_score
 from ..options import parse_options
 from .report import format_rates, missing_rates
-from .runs import (SCORE_NAMES, check_run, reported_scores, run_folder, run_once, seed_statistics, selection_metric,
-                   summarize, train_command, train_seed)
+from .runs import (SCORE_NAMES, reported_scores, run_folder, seed_statistics, selection_metric,
+                   summarize, train_seed, train_seeds)
 from .variants import Variant, expected_seeds, variant_fields
 
 # Budget entries that name where things are on one machine, or only change the speed: an earlier
@@ -125,9 +125,7 @@ def widen_grid(args, variant: Variant, row: dict, rates: list[float]) -> dict:
     wins, its run is the first seed and the other seeds train at its rate (``earlier_rates`` keeps who
     measured the earlier rates)."""
     new_rates, seed = missing_rates(row, rates), row["seeds"][0]
-    folder = run_folder(args, variant.label, seed) + "-more-rates"
-    added = check_run(run_once(train_command(args, variant, new_rates, seed, folder), folder, new_rates),
-                      variant, seed, new_rates, folder)
+    added = train_seed(args, variant, seed, new_rates, run_folder(args, variant.label, seed) + "-more-rates")
     metric = selection_metric(added)
     if row.get("selection_metric", metric) != metric:
         raise ValueError(f"{variant.label}: the earlier row chose its rate by {row['selection_metric']}, the new "
@@ -142,7 +140,7 @@ def widen_grid(args, variant: Variant, row: dict, rates: list[float]) -> dict:
     if best not in new_rates:
         kept = {key: value for key, value in row.items() if key != "measured_by"}
         return {**kept, "validation_grid": grid, "earlier_rates": history, "earlier_seeds": earlier_seeds(row)}
-    others = [train_seed(args, variant, other, [best]) for other in expected_seeds(variant, args.seeds)[1:]]
+    others = train_seeds(args, variant, expected_seeds(variant, args.seeds)[1:], [best])
     return {**summarize(variant, [added] + others), "validation_grid": grid, "earlier_rates": history}
 
 
@@ -151,7 +149,7 @@ def extend_seeds(args, variant: Variant, row: dict) -> dict:
     first seed chose and add them to it. The first seed's grid is not trained again (its work dir may be
     gone); the row lists which seeds earlier calls measured, with their commands (``earlier_seeds``)."""
     new = [seed for seed in expected_seeds(variant, args.seeds) if seed not in row["seeds"]]
-    results = [train_seed(args, variant, seed, [row["learning_rate"]]) for seed in new]
+    results = train_seeds(args, variant, new, [row["learning_rate"]])
     for seed, result in zip(new, results):
         if result["trainable_params"] != row["trainable_params"]:
             raise ValueError(f"{variant.label} seed {seed} trains {result['trainable_params']:,} parameters, the "
@@ -165,6 +163,12 @@ def extend_seeds(args, variant: Variant, row: dict) -> dict:
                 merged.pop(f"dev_{name}{suffix}", None)  # a score the new seeds do not report is not averaged over some
             continue
         merged.update(seed_statistics(name, earlier + found))
+    earlier = earlier_validation(row)
+    metric = selection_metric(results[0])
+    if earlier is None:
+        merged.pop("validation_per_seed", None)
+    else:
+        merged["validation_per_seed"] = earlier + [result["after"]["validation"].get(metric) for result in results]
     seeds = row["seeds"] + new
     merged.update({
         "seeds": seeds,
@@ -174,6 +178,14 @@ def extend_seeds(args, variant: Variant, row: dict) -> dict:
         "earlier_seeds": earlier_seeds(row),
     })
     return merged
+
+
+def earlier_validation(row: dict) -> list[float] | None:
+    """Each of a row's seeds' validation score at its rate; a one-seed row written before rows kept them
+    has it in its grid, an older row of several seeds has it for its first seed only (None)."""
+    if "validation_per_seed" in row:
+        return row["validation_per_seed"]
+    return [row["validation_grid"][f"{row['learning_rate']:g}"]] if len(row["seeds"]) == 1 else None
 
 
 def earlier_seeds(row: dict) -> list[dict]:

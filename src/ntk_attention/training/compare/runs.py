@@ -9,6 +9,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from ..options import forwarded_options, parse_options, run_option_names
 from .variants import BASE, Variant, variant_fields
@@ -72,7 +73,8 @@ def score_base(args, variant: Variant) -> dict:
                "--result-json", os.path.join(folder, "result.json")]
     command += forwarded_options(args, ("task", "gguf_file", "batch_size", "text_column", "prompt_field", "answer_field", "max_length",
                                         "eval_size", "max_new_tokens", "generate_size", "generate_batch_size", "threads"))
-    result = run_once(command, folder)
+    with args.train_slots:
+        result = run_once(command, folder)
     scores = {key: value for name in SCORE_NAMES if name in result for key, value in seed_statistics(name, [result[name]]).items()}
     return {"method": BASE, "config": {}, "method_fields": {}, "init_from": None, "learning_rate": None, **scores, "seeds": [],
             "validation_grid": {}, "generated": result.get("generated"),
@@ -80,9 +82,18 @@ def score_base(args, variant: Variant) -> dict:
             "peak_rss_mb": result["peak_rss_mb"], "device": result["device"], "adapter": None}
 
 
-def train_seed(args, variant: Variant, seed: int, rates: list[float]) -> dict:
-    folder = run_folder(args, variant.label, seed)
-    return check_run(run_once(train_command(args, variant, rates, seed, folder), folder, rates), variant, seed, rates, folder)
+def train_seed(args, variant: Variant, seed: int, rates: list[float], folder: str | None = None) -> dict:
+    folder = folder or run_folder(args, variant.label, seed)
+    with args.train_slots:  # at most --jobs train processes in the whole call, rows and seeds together
+        result = run_once(train_command(args, variant, rates, seed, folder), folder, rates)
+    return check_run(result, variant, seed, rates, folder)
+
+
+def train_seeds(args, variant: Variant, seeds: list[int], rates: list[float]) -> list[dict]:
+    """``train_seed`` for each seed, as many at once as --jobs allows (the seeds after the first train at the
+    rate it chose, independently of each other)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, len(seeds)))) as pool:
+        return list(pool.map(lambda seed: train_seed(args, variant, seed, rates), seeds))
 
 
 def run_variant(args, variant: Variant, rates: list[float], started: dict) -> dict:
@@ -91,7 +102,7 @@ def run_variant(args, variant: Variant, rates: list[float], started: dict) -> di
     if variant.init_from:
         started[variant.init_from].result()  # its adapters must exist; it was submitted first, so no deadlock
     first = train_seed(args, variant, args.seeds[0], rates)
-    others = [train_seed(args, variant, seed, [first["learning_rate"]]) for seed in args.seeds[1:variant.seeds]]
+    others = train_seeds(args, variant, args.seeds[1:variant.seeds], [first["learning_rate"]])
     return summarize(variant, [first] + others)
 
 
@@ -156,6 +167,7 @@ def summarize(variant: Variant, results: list[dict]) -> dict:
     summary.update({
         "seeds": [r["seed"] for r in results],
         "validation_grid": {f"{run['learning_rate']:g}": run["validation"].get(selection) for run in first["grid"]},
+        "validation_per_seed": [r["after"]["validation"].get(selection) for r in results],  # at the chosen rate
         "best_epoch_per_seed": [r["best_epoch"] for r in results],
         "trainable_params": first["trainable_params"], "trainable_params_excl_head": first["trainable_params_excl_head"],
         "train_seconds": statistics.mean(r["train_seconds"] for r in results),
