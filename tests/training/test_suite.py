@@ -523,6 +523,49 @@ def test_selection_check_reads_committed_results_and_compares_choices(tmp_path):
     assert empty.returncode != 0 and "no suite results" in empty.stderr
 
 
+def test_epoch_curves_reads_each_runs_trainer_log_at_its_chosen_rate(tmp_path):
+    """benchmarks/epoch_curves.py: the validation loss after each epoch from the last checkpoint's trainer
+    state of the chosen rate (not another rate's, not an earlier checkpoint's), beside the reported scores."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def state(folder, losses):
+        folder.mkdir(parents=True)
+        log = [{"epoch": e + 1, "eval_loss": loss} for e, loss in enumerate(losses)]
+        (folder / "trainer_state.json").write_text(json.dumps({"log_history": [{"epoch": 0.5, "loss": 9.0}] + log}))
+
+    work = tmp_path / "work"
+    state(work / "lora" / "seed0" / "checkpoints" / "lr-0.003" / "checkpoint-9", [0.5])
+    state(work / "lora" / "seed0" / "checkpoints" / "lr-0.003" / "checkpoint-18", [0.5, 0.4, 0.35])  # the last: 18 > 9
+    state(work / "lora" / "seed0" / "checkpoints" / "lr-0.01" / "checkpoint-18", [0.9, 0.8, 0.7])
+    state(work / "ntk" / "seed0" / "checkpoints" / "lr-0.01" / "checkpoint-18", [0.7, 0.6, 0.55])
+
+    def row(rate, em, params):
+        return {"seeds": [0], "learning_rate": rate, "trainable_params_excl_head": params, "best_epoch_per_seed": [3.0],
+                "dev_exact_match": em, "dev_loss": 0.3, "dev_exact_match_per_seed": [em], "dev_loss_per_seed": [0.3],
+                "validation_grid": {f"{rate:g}": 0.4}}
+    result = {"metric": "exact_match", "budget": {"epochs": 3}, "command": "ntk-attn compare ...", "machine": {},
+              "methods": {"lora": row(3e-3, 0.25, 100), "ntk": row(1e-2, 0.12, 90)}}
+    reference = {"budget": {"epochs": 1}, "methods": {"lora": row(3e-3, 0.2, 100)}}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    (tmp_path / "ref.json").write_text(json.dumps(reference))
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "epoch_curves.py"
+    out = tmp_path / "curves.json"
+    done = subprocess.run([sys.executable, str(script), "--work-dir", str(work), "--result", str(tmp_path / "r.json"),
+                           "--reference", str(tmp_path / "ref.json"), "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["lora"]["validation_loss_per_epoch"] == [0.5, 0.4, 0.35] and rows["ntk"]["validation_loss_per_epoch"] == [0.7, 0.6, 0.55]
+    assert rows["lora"]["reference"]["reported_exact_match_seed0"] == 0.2 and "reference" not in rows["ntk"]
+    assert "| lora | 100 | 0.003 | 0.500 | 0.400 | 0.350 | 0.250 | 0.300 |" in out.with_suffix(".md").read_text()
+    (tmp_path / "r.json").write_text(json.dumps({**result, "methods": {"ntk": row(3e-3, 0.1, 90)}}))  # a rate never run
+    missing = subprocess.run([sys.executable, str(script), "--work-dir", str(work), "--result", str(tmp_path / "r.json"),
+                              "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "lr-0.003: no checkpoint-*/trainer_state.json" in missing.stderr
+
+
 def test_committed_selection_check_is_the_committed_results():
     """benchmarks/results/selection_check.md, which docs/default.md cites, is what the script gives on the committed
     suite results, row by row (rerun it with --out when a row lands)."""
