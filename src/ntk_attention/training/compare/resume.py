@@ -163,12 +163,11 @@ def extend_seeds(args, variant: Variant, row: dict) -> dict:
                 merged.pop(f"dev_{name}{suffix}", None)  # a score the new seeds do not report is not averaged over some
             continue
         merged.update(seed_statistics(name, earlier + found))
-    earlier = earlier_validation(row)
-    metric = selection_metric(results[0])
-    if earlier is None:
+    validation, metric = earlier_validation(row), selection_metric(results[0])
+    if validation is None:
         merged.pop("validation_per_seed", None)
     else:
-        merged["validation_per_seed"] = earlier + [result["after"]["validation"].get(metric) for result in results]
+        merged["validation_per_seed"] = validation + [result["after"]["validation"].get(metric) for result in results]
     seeds = row["seeds"] + new
     merged.update({
         "seeds": seeds,
