@@ -545,7 +545,7 @@ def test_epoch_curves_reads_each_runs_trainer_log_at_its_chosen_rate(tmp_path):
         return {"seeds": [0], "learning_rate": rate, "trainable_params_excl_head": params, "best_epoch_per_seed": [3.0],
                 "dev_exact_match": em, "dev_loss": 0.3, "dev_exact_match_per_seed": [em], "dev_loss_per_seed": [0.3],
                 "validation_grid": {f"{rate:g}": 0.4}}
-    result = {"metric": "exact_match", "budget": {"epochs": 3}, "command": "ntk-attn compare ...", "machine": {},
+    result = {"metric": "loss", "budget": {"epochs": 3}, "command": "ntk-attn compare ...", "machine": {},
               "methods": {"lora": row(3e-3, 0.25, 100), "ntk": row(1e-2, 0.12, 90)}}
     reference = {"budget": {"epochs": 1}, "methods": {"lora": row(3e-3, 0.2, 100)}}
     (tmp_path / "r.json").write_text(json.dumps(result))
