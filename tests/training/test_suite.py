@@ -265,6 +265,18 @@ def test_a_widened_grid_trains_only_the_rates_it_adds(tmp_path, tiny_bert, pair_
     assert (work / "tiny-rte" / "ntk" / "seed0" / "result.json").is_file()
 
 
+def test_earlier_validation_per_seed_is_known_only_where_it_was_measured():
+    """A row written before rows kept each seed's validation score: a one-seed row has it in its grid; a
+    row of several seeds knows its first seed's only, so it gets none (not a list shorter than its seeds)."""
+    from ntk_attention.training.compare.resume import earlier_validation
+
+    grid = {"0.001": 0.4, "0.003": 0.5}
+    assert earlier_validation({"seeds": [0, 1], "learning_rate": 1e-3, "validation_grid": grid,
+                               "validation_per_seed": [0.4, 0.45]}) == [0.4, 0.45]
+    assert earlier_validation({"seeds": [0], "learning_rate": 3e-3, "validation_grid": grid}) == [0.5]
+    assert earlier_validation({"seeds": [0, 1], "learning_rate": 1e-3, "validation_grid": grid}) is None
+
+
 def test_jobs_bounds_train_processes_and_runs_a_rows_later_seeds_together(tmp_path, tiny_bert, pair_data, monkeypatch):
     """--jobs 2: the seeds after a row's first train at the same time, and the call never has more than two
     train processes, however rows and seeds overlap."""
