@@ -2,7 +2,7 @@
 reported: does a method still gain from more epochs, and does the gap between two methods narrow?
 
 Reads ``<work-dir>/<label>/seed<N>/checkpoints/lr-<rate>/checkpoint-*/trainer_state.json`` (the
-Trainer's own log, one evaluation per epoch) for the learning rate each run chose, and the call's
+Trainer's own log, one evaluation per epoch) for each seed at the row's learning rate, and the call's
 ``<name>.json`` for the reported scores. With ``--reference`` (a suite result of the same task at
 its own budget) the same labels' reported means are listed beside them.
 
@@ -40,43 +40,50 @@ def curves(work_dir: Path, result: dict, reference: dict | None) -> dict:
     metric = next(name for name in REPORTED if all(f"dev_{name}" in row for row in result["methods"].values()))
     rows = {}
     for label, row in result["methods"].items():
-        seed, rate = row["seeds"][0], row["learning_rate"]
-        state = last_trainer_state(work_dir / label / f"seed{seed}" / "checkpoints" / f"lr-{rate:g}")
-        rows[label] = {"learning_rate": rate, "seed": seed, "trainable_params": row["trainable_params_excl_head"],
-                       "validation_loss_per_epoch": epoch_losses(state), "best_epoch": row["best_epoch_per_seed"][0],
-                       f"reported_{metric}": row[f"dev_{metric}"], "reported_loss": row.get("dev_loss")}
+        rate = row["learning_rate"]
+        folders = [work_dir / label / f"seed{seed}" / "checkpoints" / f"lr-{rate:g}" for seed in row["seeds"]]
+        rows[label] = {"learning_rate": rate, "seeds": row["seeds"], "trainable_params": row["trainable_params_excl_head"],
+                       "validation_loss_per_epoch": [epoch_losses(last_trainer_state(folder)) for folder in folders],
+                       "best_epoch_per_seed": row["best_epoch_per_seed"],
+                       f"reported_{metric}_per_seed": row[f"dev_{metric}_per_seed"],
+                       "reported_loss_per_seed": row.get("dev_loss_per_seed")}
         if reference and label in reference["methods"]:
             earlier = reference["methods"][label]
             rows[label]["reference"] = {"epochs": reference["budget"]["epochs"], "learning_rate": earlier["learning_rate"],
-                                        f"reported_{metric}_seed0": earlier[f"dev_{metric}_per_seed"][0],
-                                        "reported_loss_seed0": (earlier.get("dev_loss_per_seed") or [None])[0],
-                                        "validation_loss": earlier["validation_grid"][f"{earlier['learning_rate']:g}"]}
+                                        "seeds": earlier["seeds"], f"reported_{metric}_per_seed": earlier[f"dev_{metric}_per_seed"],
+                                        "reported_loss_per_seed": earlier.get("dev_loss_per_seed"),
+                                        "validation_loss_seed0": earlier["validation_grid"][f"{earlier['learning_rate']:g}"]}
     return {"metric": metric, "epochs": result["budget"]["epochs"], "command": result["command"],
             "machine": result["machine"], "rows": rows}
 
 
 def markdown(record: dict, command: str) -> str:
     metric, rows = record["metric"], record["rows"]
-    epochs = max(len(row["validation_loss_per_epoch"]) for row in rows.values())
-    head = ["variant", "params", "lr"] + [f"val loss ep {e}" for e in range(1, epochs + 1)] + [
-        f"{metric} ({record['epochs']:g} ep)", "loss on the reported split"]
+    epochs = max(len(curve) for row in rows.values() for curve in row["validation_loss_per_epoch"])
+    head = ["variant", "seed", "params", "lr"] + [f"val loss ep {e}" for e in range(1, epochs + 1)] + [
+        "best epoch", f"{metric} ({record['epochs']:g} ep)", "loss on the reported split"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in rows.items():
-        losses = [f"{value:.3f}" for value in row["validation_loss_per_epoch"]]
-        losses += [""] * (epochs - len(losses))
-        reported = row["reported_loss"]
-        lines.append("| " + " | ".join([label, f"{row['trainable_params']:,}", f"{row['learning_rate']:g}", *losses,
-                                        f"{row[f'reported_{metric}']:.3f}", "" if reported is None else f"{reported:.3f}"]) + " |")
-    out = ["Validation loss after each epoch (seed 0, the listed rate), and the reported scores at the best epoch.", "",
+        for i, seed in enumerate(row["seeds"]):
+            losses = [f"{value:.3f}" for value in row["validation_loss_per_epoch"][i]]
+            losses += [""] * (epochs - len(losses))
+            reported = (row["reported_loss_per_seed"] or [None] * len(row["seeds"]))[i]
+            lines.append("| " + " | ".join([label, str(seed), f"{row['trainable_params']:,}", f"{row['learning_rate']:g}",
+                                            *losses, f"{row['best_epoch_per_seed'][i]:g}",
+                                            f"{row[f'reported_{metric}_per_seed'][i]:.3f}",
+                                            "" if reported is None else f"{reported:.3f}"]) + " |")
+    out = ["Validation loss after each epoch (the listed rate), and the reported scores at the best epoch.", "",
            *lines]
     references = {label: row["reference"] for label, row in rows.items() if "reference" in row}
     if references:
-        out += ["", "The same variants in the suite (its own budget, seed 0):", "",
-                f"| variant | epochs | lr | validation loss | {metric} | loss on the reported split |", "|---|---|---|---|---|---|"]
+        out += ["", "The same variants in the suite (its own budget; the validation loss of its first seed):", "",
+                f"| variant | epochs | lr | validation loss | {metric} per seed | loss on the reported split per seed |",
+                "|---|---|---|---|---|---|"]
         for label, ref in references.items():
-            loss = ref["reported_loss_seed0"]
-            out.append(f"| {label} | {ref['epochs']:g} | {ref['learning_rate']:g} | {ref['validation_loss']:.3f} | "
-                       f"{ref[f'reported_{metric}_seed0']:.3f} | {'' if loss is None else f'{loss:.3f}'} |")
+            scores = " / ".join(f"{value:.3f}" for value in ref[f"reported_{metric}_per_seed"])
+            losses = " / ".join(f"{value:.3f}" for value in ref["reported_loss_per_seed"] or [])
+            out.append(f"| {label} | {ref['epochs']:g} | {ref['learning_rate']:g} | {ref['validation_loss_seed0']:.3f} | "
+                       f"{scores} | {losses} |")
     out += ["", f"Runs: `{record['command']}`", "", f"Table: `{command}`", ""]
     return "\n".join(out)
 

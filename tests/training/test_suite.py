@@ -569,9 +569,9 @@ def test_epoch_curves_reads_each_runs_trainer_log_at_its_chosen_rate(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert rows["lora"]["validation_loss_per_epoch"] == [0.5, 0.4, 0.35] and rows["ntk"]["validation_loss_per_epoch"] == [0.7, 0.6, 0.55]
-    assert rows["lora"]["reference"]["reported_exact_match_seed0"] == 0.2 and "reference" not in rows["ntk"]
-    assert "| lora | 100 | 0.003 | 0.500 | 0.400 | 0.350 | 0.250 | 0.300 |" in out.with_suffix(".md").read_text()
+    assert rows["lora"]["validation_loss_per_epoch"] == [[0.5, 0.4, 0.35]] and rows["ntk"]["validation_loss_per_epoch"] == [[0.7, 0.6, 0.55]]
+    assert rows["lora"]["reference"]["reported_exact_match_per_seed"] == [0.2] and "reference" not in rows["ntk"]
+    assert "| lora | 0 | 100 | 0.003 | 0.500 | 0.400 | 0.350 | 3 | 0.250 | 0.300 |" in out.with_suffix(".md").read_text()
     (tmp_path / "r.json").write_text(json.dumps({**result, "methods": {"ntk": row(3e-3, 0.1, 90)}}))  # a rate never run
     missing = subprocess.run([sys.executable, str(script), "--work-dir", str(work), "--result", str(tmp_path / "r.json"),
                               "--out", str(out)], capture_output=True, text=True, timeout=120)
