@@ -4,7 +4,7 @@ reported: does a method still gain from more epochs, and does the gap between tw
 Reads ``<work-dir>/<label>/seed<N>/checkpoints/lr-<rate>/checkpoint-*/trainer_state.json`` (the
 Trainer's own log, one evaluation per epoch) for each seed at the row's learning rate, and the call's
 ``<name>.json`` for the reported scores. With ``--reference`` (a suite result of the same task at
-its own budget) the same labels' reported means are listed beside them.
+its own budget) the same labels' reported scores per seed are listed beside them.
 
     python benchmarks/epoch_curves.py --work-dir WORK/NAME --result RESULTS/NAME.json \
         [--reference benchmarks/results/suite/TASK.json] --out OUT.json     # and OUT.md beside it
