@@ -17,14 +17,16 @@ import json
 from pathlib import Path
 
 from ntk_attention.io import write_json, write_text
+from ntk_attention.training.checkpoints import CHECKPOINT, checkpoint_folders
 
 
 def last_trainer_state(rate_folder: Path) -> dict:
     """The trainer_state.json of the folder's last checkpoint (it holds the whole log)."""
-    states = sorted(rate_folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    if not states:
+    folders = checkpoint_folders(str(rate_folder))
+    if not folders:
         raise FileNotFoundError(f"{rate_folder}: no checkpoint-*/trainer_state.json (the run did not finish an epoch)")
-    return json.loads(states[-1].read_text())
+    last = max(folders, key=lambda folder: int(CHECKPOINT.match(Path(folder).name)[1]))
+    return json.loads((Path(last) / "trainer_state.json").read_text())
 
 
 def epoch_losses(state: dict) -> list[float]:

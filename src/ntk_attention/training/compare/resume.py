@@ -9,7 +9,7 @@ import os
 from ..fit import selection_score
 from ..options import parse_options
 from .report import format_rates, missing_rates
-from .runs import (SCORE_NAMES, reported_scores, run_folder, seed_statistics, selection_metric,
+from .runs import (SCORE_NAMES, chosen_validation, reported_scores, run_folder, seed_statistics, selection_metric,
                    summarize, train_seed, train_seeds)
 from .variants import Variant, expected_seeds, variant_fields
 
@@ -163,11 +163,11 @@ def extend_seeds(args, variant: Variant, row: dict) -> dict:
                 merged.pop(f"dev_{name}{suffix}", None)  # a score the new seeds do not report is not averaged over some
             continue
         merged.update(seed_statistics(name, earlier + found))
-    validation, metric = earlier_validation(row), selection_metric(results[0])
+    validation = earlier_validation(row)
     if validation is None:
         merged.pop("validation_per_seed", None)
     else:
-        merged["validation_per_seed"] = validation + [result["after"]["validation"].get(metric) for result in results]
+        merged["validation_per_seed"] = validation + [chosen_validation(result) for result in results]
     seeds = row["seeds"] + new
     merged.update({
         "seeds": seeds,

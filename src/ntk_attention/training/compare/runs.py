@@ -147,6 +147,11 @@ def reported_scores(result: dict) -> dict:
     return result["after"]["eval" if "eval" in result["after"] else "validation"]
 
 
+def chosen_validation(result: dict) -> float | None:
+    """The run's validation score at the rate it chose, by the metric that chose it."""
+    return result["after"]["validation"].get(selection_metric(result))
+
+
 def seed_statistics(name: str, values: list[float]) -> dict:
     """``dev_<name>``: the mean over seeds, its sample std (n-1; 0 for one seed) and the per-seed values."""
     return {f"dev_{name}": statistics.mean(values), f"dev_{name}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -167,7 +172,7 @@ def summarize(variant: Variant, results: list[dict]) -> dict:
     summary.update({
         "seeds": [r["seed"] for r in results],
         "validation_grid": {f"{run['learning_rate']:g}": run["validation"].get(selection) for run in first["grid"]},
-        "validation_per_seed": [r["after"]["validation"].get(selection) for r in results],  # at the chosen rate
+        "validation_per_seed": [chosen_validation(r) for r in results],
         "best_epoch_per_seed": [r["best_epoch"] for r in results],
         "trainable_params": first["trainable_params"], "trainable_params_excl_head": first["trainable_params_excl_head"],
         "train_seconds": statistics.mean(r["train_seconds"] for r in results),
