@@ -13,6 +13,7 @@ from ntk_attention import cli
 from ntk_attention.training import models as M
 from ntk_attention.training.methods import build_method_model
 from ntk_attention.training.options import parse_options
+from ntk_attention.training.train import still_improving
 from training_helpers import train_args
 
 # method -> (extra arguments, parameters of the method itself (without the head) for the tiny BERT:
@@ -79,6 +80,28 @@ def test_lr_grid_is_chosen_on_the_validation_slice(tmp_path, tiny_bert, sst_file
     assert set(grid) == {1e-4, 3e-1}
     assert grid[result["learning_rate"]] == max(grid.values())
     assert result["after"]["validation"]["accuracy"] == max(grid.values())
+
+
+def test_each_rate_records_its_validation_after_every_epoch(tmp_path, capsys, tiny_bert, sst_files):
+    result = run_train(tmp_path, tiny_bert, *sst_files, "--method", "head", "--lr", "1e-4", "3e-1", "--epochs", "3")
+    for run in result["grid"]:
+        epochs = run["validation_per_epoch"]
+        assert [scores["epoch"] for scores in epochs] == [1.0, 2.0, 3.0]
+        best = next(scores for scores in epochs if scores["epoch"] == run["best_epoch"])
+        assert best["accuracy"] == run["validation"]["accuracy"] == max(scores["accuracy"] for scores in epochs)
+    chosen = next(run for run in result["grid"] if run["learning_rate"] == result["learning_rate"])
+    printed = capsys.readouterr().out
+    assert "validation accuracy after each epoch: " + ", ".join(
+        f"{scores['accuracy']:.4f}" for scores in chosen["validation_per_epoch"]) in printed
+    assert ("the last epoch scored best" in printed) == (chosen["best_epoch"] == 3.0)
+
+
+def test_a_run_whose_last_epoch_scored_best_is_flagged():
+    epochs = [{"epoch": 1.0, "loss": 0.6}, {"epoch": 2.0, "loss": 0.5}]
+    assert still_improving({"best_epoch": 2.0, "validation_per_epoch": epochs})
+    assert not still_improving({"best_epoch": 1.0, "validation_per_epoch": epochs})
+    assert not still_improving({"best_epoch": 1.0, "validation_per_epoch": epochs[:1]})  # one epoch says nothing
+    assert not still_improving({"best_epoch": 2.0})  # a result written before the field existed
 
 
 def test_causal_lm_trains_on_answers_and_reports_exact_match(tmp_path, capsys, tiny_llama, math_files):

@@ -175,7 +175,7 @@ def train(args) -> dict:
         seconds = timer.seconds
         validation = _best_validation(trainer) or score(trainer, encoded["validation"])
         entry = {"learning_rate": learning_rate, "validation": validation, "train_seconds": seconds,
-                 "best_epoch": _best_epoch(trainer)}
+                 "best_epoch": _best_epoch(trainer), "validation_per_epoch": _validation_per_epoch(trainer)}
         runs.append(entry)
         metric = plan["metric"]
         if best is None or selection_score(metric, validation[metric]) > selection_score(metric, best[0]["validation"][metric]):
@@ -237,6 +237,18 @@ def _best_epoch(trainer) -> float | None:
     return _best_log(trainer).get("epoch")
 
 
+def _validation_per_epoch(trainer) -> list[dict]:
+    """Validation scores after each epoch (the log survives a resume): did the budget stop a run that still improved?"""
+    key = "eval_" + trainer.args.metric_for_best_model
+    return [{"epoch": log["epoch"], **named_scores(log, trainer.task)} for log in trainer.state.log_history if key in log]
+
+
+def still_improving(run: dict) -> bool:
+    """The grid entry's best epoch is its last of several: more epochs might have scored better still."""
+    epochs = [scores["epoch"] for scores in run.get("validation_per_epoch", [])]
+    return len(epochs) > 1 and run["best_epoch"] == epochs[-1]
+
+
 def print_summary(result: dict) -> None:
     metric = "accuracy" if result["task"] in D.CLASSIFICATION_TASKS else "loss"
     split = "eval" if "eval" in result["after"] else "validation"
@@ -250,8 +262,14 @@ def print_summary(result: dict) -> None:
     if len(result["grid"]) > 1:
         lines.append("learning rates on the validation slice: " + ", ".join(
             f"{run['learning_rate']:g} -> {run['validation'][metric]:.4f}" for run in result["grid"]))
+    lines.append(f"chosen learning rate {result['learning_rate']:g}, best epoch {result['best_epoch']}")
+    chosen = next(run for run in result["grid"] if run["learning_rate"] == result["learning_rate"])
+    if chosen.get("validation_per_epoch"):
+        lines.append(f"validation {metric} after each epoch: "
+                     + ", ".join(f"{scores[metric]:.4f}" for scores in chosen["validation_per_epoch"]))
+    if still_improving(chosen):
+        lines.append("the last epoch scored best on validation: the run may stop short of its best (try more --epochs)")
     lines += [
-        f"chosen learning rate {result['learning_rate']:g}, best epoch {result['best_epoch']}",
         f"trainable parameters {result['trainable_params']:,} ({result['trainable_params_excl_head']:,} without the head) "
         f"of {result['total_params']:,}",
         f"train time {result['train_seconds']:.1f} s ({result['device']}, {result['threads']} threads), "
