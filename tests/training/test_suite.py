@@ -650,6 +650,19 @@ def test_lead_table_says_how_many_seeds_a_cell_averages():
     assert line[1:5] == ["0.500", "0.800 ± 0.010 (74k)", "0.700 ± 0.010 (74k, 2 seeds)", "0.600 (76k, seed 0)"]
 
 
+def test_rows_whose_every_seed_chose_the_last_epoch_are_named():
+    from ntk_attention.training.compare.report import rows_at_last_epoch
+
+    def record(epochs, **best):
+        return {"budget": {"epochs": epochs}, "methods": {label: {"best_epoch_per_seed": seeds} for label, seeds in best.items()}}
+
+    rows = {"lora": [2.0, 2.0, 2.0], "ntk": [2.0, 1.0, 2.0], "base": [], "old": [None]}
+    assert rows_at_last_epoch(record(2, **rows)) == ["lora"]
+    assert rows_at_last_epoch(record(3, **rows)) == []
+    assert rows_at_last_epoch(record(1, lora=[1.0])) == []  # one epoch is always the last
+    assert rows_at_last_epoch({"methods": {"lora": {"best_epoch_per_seed": [2.0]}}}) == []  # no budget recorded
+
+
 def test_grid_edge_says_which_rows_a_wider_grid_could_move():
     from ntk_attention.training.compare.report import grid_edge
 

@@ -49,6 +49,16 @@ def grid_edge(summary: dict) -> str | None:
     return None
 
 
+def rows_at_last_epoch(record: dict) -> list[str]:
+    """The trained rows whose every seed chose the budget's last epoch (of several): the budget, like a
+    grid's edge, may have stopped them short."""
+    epochs = (record.get("budget") or {}).get("epochs")
+    if not epochs or epochs <= 1:
+        return []
+    return [label for label, row in record["methods"].items() if row.get("best_epoch_per_seed")
+            and all(epoch is not None and math.isclose(epoch, epochs) for epoch in row["best_epoch_per_seed"])]
+
+
 def missing_rates(row: dict, rates: list[float]) -> list[float]:
     """The rates of ``rates`` that the row's first seed did not train."""
     trained = {float(rate) for rate in row.get("validation_grid") or {}}
@@ -135,6 +145,9 @@ def markdown_table(record: dict) -> str:
         if not_run := missing_rates(m, record["lr_grid"].get(label, [])):
             lines += ["", f"{label}: rates {format_rates(not_run)} of the suite's grid not run yet; "
                       f"its rate was chosen among the others (`--only {label}` trains them)."]
+    if at_last := rows_at_last_epoch(record):
+        lines += ["", f"Best epoch on validation the budget's last ({record['budget']['epochs']:g}) at every seed, so these "
+                  f"rows may still gain from more epochs: {', '.join(at_last)}."]
     renamed = [f"{label} (was {m['renamed_from']['label']})" for label, m in methods.items() if m.get("renamed_from")]
     if renamed:
         lines += ["", f"Measured under another label, the same run as today's: {', '.join(renamed)} (`renamed_from` in the JSON)."]
