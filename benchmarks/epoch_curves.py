@@ -1,5 +1,6 @@
-"""Validation loss after each epoch of the runs of one ``ntk-attn compare`` call, beside what the call
-reported: does a method still gain from more epochs, and does the gap between two methods narrow?
+"""The validation score after each epoch of the runs of one ``ntk-attn compare`` call (the metric that
+chose their rate and epoch: loss, accuracy or MCC), beside what the call reported: does a method still
+gain from more epochs, and does the gap between two methods narrow?
 
 Reads ``<work-dir>/<label>/seed<N>/checkpoints/lr-<rate>/checkpoint-*/trainer_state.json`` (the
 Trainer's own log, one evaluation per epoch) for each seed at the row's learning rate, and the call's
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ntk_attention.io import write_json, write_text
 from ntk_attention.training.checkpoints import CHECKPOINT, checkpoint_folders
+from ntk_attention.training.compare.report import row_selection_metric
 
 
 def last_trainer_state(rate_folder: Path) -> dict:
@@ -29,9 +31,9 @@ def last_trainer_state(rate_folder: Path) -> dict:
     return json.loads((Path(last) / "trainer_state.json").read_text())
 
 
-def epoch_losses(state: dict) -> list[float]:
-    """Validation loss after each epoch, in order."""
-    return [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+def epoch_scores(state: dict, metric: str) -> list[float]:
+    """The validation ``metric`` after each epoch, in order."""
+    return [entry[f"eval_{metric}"] for entry in state["log_history"] if f"eval_{metric}" in entry]
 
 
 REPORTED = ("exact_match", "accuracy", "mcc", "perplexity", "loss")  # the first a call's rows report is shown
@@ -40,12 +42,16 @@ REPORTED = ("exact_match", "accuracy", "mcc", "perplexity", "loss")  # the first
 def curves(work_dir: Path, result: dict, reference: dict | None) -> dict:
     # a call without a suite names the loss as its metric even where the rows report exact match too
     metric = next(name for name in REPORTED if all(f"dev_{name}" in row for row in result["methods"].values()))
+    selections = {row_selection_metric(row) for row in result["methods"].values()}
+    if len(selections) != 1:
+        raise ValueError(f"the rows chose their epochs by different metrics ({', '.join(sorted(selections))})")
+    selection = selections.pop()
     rows = {}
     for label, row in result["methods"].items():
         rate = row["learning_rate"]
         folders = [work_dir / label / f"seed{seed}" / "checkpoints" / f"lr-{rate:g}" for seed in row["seeds"]]
         rows[label] = {"learning_rate": rate, "seeds": row["seeds"], "trainable_params": row["trainable_params_excl_head"],
-                       "validation_loss_per_epoch": [epoch_losses(last_trainer_state(folder)) for folder in folders],
+                       "validation_per_epoch": [epoch_scores(last_trainer_state(folder), selection) for folder in folders],
                        "best_epoch_per_seed": row["best_epoch_per_seed"],
                        f"reported_{metric}_per_seed": row[f"dev_{metric}_per_seed"],
                        "reported_loss_per_seed": row.get("dev_loss_per_seed")}
@@ -54,37 +60,37 @@ def curves(work_dir: Path, result: dict, reference: dict | None) -> dict:
             rows[label]["reference"] = {"epochs": reference["budget"]["epochs"], "learning_rate": earlier["learning_rate"],
                                         "seeds": earlier["seeds"], f"reported_{metric}_per_seed": earlier[f"dev_{metric}_per_seed"],
                                         "reported_loss_per_seed": earlier.get("dev_loss_per_seed"),
-                                        "validation_loss_seed0": earlier["validation_grid"][f"{earlier['learning_rate']:g}"]}
-    return {"metric": metric, "epochs": result["budget"]["epochs"], "command": result["command"],
+                                        "validation_seed0": earlier["validation_grid"][f"{earlier['learning_rate']:g}"]}
+    return {"metric": metric, "selection_metric": selection, "epochs": result["budget"]["epochs"], "command": result["command"],
             "machine": result["machine"], "rows": rows}
 
 
 def markdown(record: dict, command: str) -> str:
-    metric, rows = record["metric"], record["rows"]
-    epochs = max(len(curve) for row in rows.values() for curve in row["validation_loss_per_epoch"])
-    head = ["variant", "seed", "params", "lr"] + [f"val loss ep {e}" for e in range(1, epochs + 1)] + [
+    metric, selection, rows = record["metric"], record["selection_metric"], record["rows"]
+    epochs = max(len(curve) for row in rows.values() for curve in row["validation_per_epoch"])
+    head = ["variant", "seed", "params", "lr"] + [f"val {selection} ep {e}" for e in range(1, epochs + 1)] + [
         "best epoch", f"{metric} ({record['epochs']:g} ep)", "loss on the reported split"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in rows.items():
         for i, seed in enumerate(row["seeds"]):
-            losses = [f"{value:.3f}" for value in row["validation_loss_per_epoch"][i]]
-            losses += [""] * (epochs - len(losses))
+            curve = [f"{value:.3f}" for value in row["validation_per_epoch"][i]]
+            curve += [""] * (epochs - len(curve))
             reported = (row["reported_loss_per_seed"] or [None] * len(row["seeds"]))[i]
             lines.append("| " + " | ".join([label, str(seed), f"{row['trainable_params']:,}", f"{row['learning_rate']:g}",
-                                            *losses, f"{row['best_epoch_per_seed'][i]:g}",
+                                            *curve, f"{row['best_epoch_per_seed'][i]:g}",
                                             f"{row[f'reported_{metric}_per_seed'][i]:.3f}",
                                             "" if reported is None else f"{reported:.3f}"]) + " |")
-    out = ["Validation loss after each epoch (the listed rate), and the reported scores at the best epoch.", "",
+    out = [f"Validation {selection} after each epoch (the listed rate), and the reported scores at the best epoch.", "",
            *lines]
     references = {label: row["reference"] for label, row in rows.items() if "reference" in row}
     if references:
-        out += ["", "The same variants in the suite (its own budget; the validation loss of its first seed):", "",
-                f"| variant | epochs | lr | validation loss | {metric} per seed | loss on the reported split per seed |",
+        out += ["", f"The same variants in the suite (its own budget; the validation {selection} of its first seed):", "",
+                f"| variant | epochs | lr | validation {selection} | {metric} per seed | loss on the reported split per seed |",
                 "|---|---|---|---|---|---|"]
         for label, ref in references.items():
             scores = " / ".join(f"{value:.3f}" for value in ref[f"reported_{metric}_per_seed"])
             losses = " / ".join(f"{value:.3f}" for value in ref["reported_loss_per_seed"] or [])
-            out.append(f"| {label} | {ref['epochs']:g} | {ref['learning_rate']:g} | {ref['validation_loss_seed0']:.3f} | "
+            out.append(f"| {label} | {ref['epochs']:g} | {ref['learning_rate']:g} | {ref['validation_seed0']:.3f} | "
                        f"{scores} | {losses} |")
     out += ["", f"Runs: `{record['command']}`", "", f"Table: `{command}`", ""]
     return "\n".join(out)

@@ -544,7 +544,7 @@ def test_epoch_curves_reads_each_runs_trainer_log_at_its_chosen_rate(tmp_path):
 
     def state(folder, losses):
         folder.mkdir(parents=True)
-        log = [{"epoch": e + 1, "eval_loss": loss} for e, loss in enumerate(losses)]
+        log = [{"epoch": e + 1, "eval_loss": loss, "eval_accuracy": 1 - loss} for e, loss in enumerate(losses)]
         (folder / "trainer_state.json").write_text(json.dumps({"log_history": [{"epoch": 0.5, "loss": 9.0}] + log}))
 
     work = tmp_path / "work"
@@ -569,9 +569,21 @@ def test_epoch_curves_reads_each_runs_trainer_log_at_its_chosen_rate(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert rows["lora"]["validation_loss_per_epoch"] == [[0.5, 0.4, 0.35]] and rows["ntk"]["validation_loss_per_epoch"] == [[0.7, 0.6, 0.55]]
+    assert rows["lora"]["validation_per_epoch"] == [[0.5, 0.4, 0.35]] and rows["ntk"]["validation_per_epoch"] == [[0.7, 0.6, 0.55]]
     assert rows["lora"]["reference"]["reported_exact_match_per_seed"] == [0.2] and "reference" not in rows["ntk"]
     assert "| lora | 0 | 100 | 0.003 | 0.500 | 0.400 | 0.350 | 3 | 0.250 | 0.300 |" in out.with_suffix(".md").read_text()
+    # rows that chose their epoch by accuracy get the accuracy curve
+    classified = {"lora": {**row(3e-3, 0.25, 100), "selection_metric": "accuracy", "dev_accuracy_per_seed": [0.8]},
+                  "ntk": {**row(1e-2, 0.12, 90), "selection_metric": "accuracy", "dev_accuracy_per_seed": [0.7]}}
+    for r in classified.values():
+        r["dev_accuracy"] = r["dev_accuracy_per_seed"][0]
+        del r["dev_exact_match"]
+    (tmp_path / "r.json").write_text(json.dumps({**result, "methods": classified}))
+    done = subprocess.run([sys.executable, str(script), "--work-dir", str(work), "--result", str(tmp_path / "r.json"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["rows"]["ntk"]["validation_per_epoch"] == [pytest.approx([0.3, 0.4, 0.45])]
+    assert "val accuracy ep 3" in out.with_suffix(".md").read_text()
     (tmp_path / "r.json").write_text(json.dumps({**result, "methods": {"ntk": row(3e-3, 0.1, 90)}}))  # a rate never run
     missing = subprocess.run([sys.executable, str(script), "--work-dir", str(work), "--result", str(tmp_path / "r.json"),
                               "--out", str(out)], capture_output=True, text=True, timeout=120)

@@ -27,10 +27,14 @@ def reported_metric(record: dict) -> tuple[str, bool]:
     return ("accuracy", True) if any("dev_accuracy" in m for m in methods) else ("loss", False)
 
 
+def row_selection_metric(summary: dict) -> str:
+    """What chose the row's rate and epoch (rows written before the field: accuracy where reported, else the loss)."""
+    return summary.get("selection_metric", "accuracy" if "dev_accuracy" in summary else "loss")
+
+
 def validation_score(summary: dict) -> float:
     """The chosen rate's validation score, higher is better (accuracy or MCC, or minus the loss)."""
-    value = summary["validation_grid"][f"{summary['learning_rate']:g}"]
-    return selection_score(summary.get("selection_metric", "accuracy" if "dev_accuracy" in summary else "loss"), value)
+    return selection_score(row_selection_metric(summary), summary["validation_grid"][f"{summary['learning_rate']:g}"])
 
 
 def grid_edge(summary: dict) -> str | None:
