@@ -606,6 +606,49 @@ def test_committed_selection_check_is_the_committed_results():
     assert len(rows) > 2 and rows == [line for line in committed.splitlines() if line.startswith("| ")]
 
 
+def test_committed_epoch_probes_table_is_the_committed_results():
+    """docs/default.md's probe table and benchmarks/results/probes/epoch_probes.md are what the script gives on
+    the committed probe and suite results (rerun it with --out when a probe lands)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "benchmarks/epoch_probes.py"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    for committed in ("benchmarks/results/probes/epoch_probes.md", "docs/default.md"):
+        text = (root / committed).read_text()
+        assert len(rows) > 2 and all(row in text.splitlines() for row in rows), committed
+
+
+def test_epoch_probe_sets_each_row_beside_the_suite_at_the_probes_seeds():
+    """The suite's rows are read at the probe's seeds only, and a suite mean over fewer of them is marked."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "epoch_probes.py"  # a script, not a package module
+    spec = importlib.util.spec_from_file_location("epoch_probes", script)
+    probes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probes)
+
+    def row(method, seeds, values, rate=1e-3):
+        return {"method": method, "seeds": seeds, "dev_accuracy_per_seed": values, "dev_accuracy": sum(values) / len(values),
+                "learning_rate": rate, "trainable_params_excl_head": 1000, "best_epoch_per_seed": [1.0] * len(seeds)}
+
+    suite = {"metric": "accuracy", "higher_is_better": True, "budget": {"epochs": 2},
+             "methods": {"lora": row("lora", [0, 1, 2], [0.8, 0.7, 0.1]), "ntk": row("ntk", [0], [0.5])}}
+    probe = {"name": "t-epochs6", "budget": {"epochs": 6},
+             "methods": {"lora": row("lora", [0, 1], [0.9, 0.8]), "ntk": row("ntk", [0, 1], [0.8, 0.8], 3e-3)}}
+    result = probes.compare_probe(probe, suite)
+    assert result["rows"]["lora"]["suite"]["per_seed"] == [0.8, 0.7]  # seed 2 did not run in the probe
+    assert result["rows"]["ntk"]["suite"]["seeds"] == [0]
+    assert result["gap"]["suite"] == pytest.approx(0.5 - 0.75) and result["gap"]["probe"] == pytest.approx(0.8 - 0.85)
+    assert "(seed 0)" in probes.markdown({"t-epochs6": result}, "cmd")  # a suite mean over fewer seeds is marked
+    with pytest.raises(ValueError, match="one NTK row"):
+        probes.compare_probe({**probe, "methods": {"lora": probe["methods"]["lora"]}}, suite)
+
+
 def test_variant_table_groups_rows_by_method_and_size_and_marks_edge_rates():
     """Rows go base/head, LoRA, prefix, NTK, full, each by its count relative to LoRA r = 8 (median over tasks);
     a cell without ± is one seed, and * marks a rate at an edge of its grid."""
