@@ -20,6 +20,7 @@ from pathlib import Path
 from ntk_attention.io import write_json, write_text
 from ntk_attention.training.checkpoints import CHECKPOINT, checkpoint_folders
 from ntk_attention.training.compare.report import row_selection_metric
+from ntk_attention.training.fit import epoch_evaluations
 
 
 def last_trainer_state(rate_folder: Path) -> dict:
@@ -31,9 +32,9 @@ def last_trainer_state(rate_folder: Path) -> dict:
     return json.loads((Path(last) / "trainer_state.json").read_text())
 
 
-def epoch_scores(state: dict, metric: str) -> list[float]:
-    """The validation ``metric`` after each epoch, in order."""
-    return [entry[f"eval_{metric}"] for entry in state["log_history"] if f"eval_{metric}" in entry]
+def validation_curve(rate_folder: Path, metric: str) -> list[float]:
+    """The validation ``metric`` after each epoch of the run in ``rate_folder``."""
+    return [scores[metric] for scores in epoch_evaluations(last_trainer_state(rate_folder)["log_history"], metric)]
 
 
 REPORTED = ("exact_match", "accuracy", "mcc", "perplexity", "loss")  # the first a call's rows report is shown
@@ -51,7 +52,7 @@ def curves(work_dir: Path, result: dict, reference: dict | None) -> dict:
         rate = row["learning_rate"]
         folders = [work_dir / label / f"seed{seed}" / "checkpoints" / f"lr-{rate:g}" for seed in row["seeds"]]
         rows[label] = {"learning_rate": rate, "seeds": row["seeds"], "trainable_params": row["trainable_params_excl_head"],
-                       "validation_per_epoch": [epoch_scores(last_trainer_state(folder), selection) for folder in folders],
+                       "validation_per_epoch": [validation_curve(folder, selection) for folder in folders],
                        "best_epoch_per_seed": row["best_epoch_per_seed"],
                        f"reported_{metric}_per_seed": row[f"dev_{metric}_per_seed"],
                        "reported_loss_per_seed": row.get("dev_loss_per_seed")}

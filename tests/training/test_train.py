@@ -13,7 +13,7 @@ from ntk_attention import cli
 from ntk_attention.training import models as M
 from ntk_attention.training.methods import build_method_model
 from ntk_attention.training.options import parse_options
-from ntk_attention.training.train import still_improving
+from ntk_attention.training.fit import ends_at_last_epoch
 from training_helpers import train_args
 
 # method -> (extra arguments, parameters of the method itself (without the head) for the tiny BERT:
@@ -97,11 +97,10 @@ def test_each_rate_records_its_validation_after_every_epoch(tmp_path, capsys, ti
 
 
 def test_a_run_whose_last_epoch_scored_best_is_flagged():
-    epochs = [{"epoch": 1.0, "loss": 0.6}, {"epoch": 2.0, "loss": 0.5}]
-    assert still_improving({"best_epoch": 2.0, "validation_per_epoch": epochs})
-    assert not still_improving({"best_epoch": 1.0, "validation_per_epoch": epochs})
-    assert not still_improving({"best_epoch": 1.0, "validation_per_epoch": epochs[:1]})  # one epoch says nothing
-    assert not still_improving({"best_epoch": 2.0})  # a result written before the field existed
+    assert ends_at_last_epoch(2.0, 2) and ends_at_last_epoch(1.5, 1.5)
+    assert not ends_at_last_epoch(1.0, 2)
+    assert not ends_at_last_epoch(1.0, 1)  # one epoch is always the last: it says nothing
+    assert not ends_at_last_epoch(None, 2) and not ends_at_last_epoch(2.0, None)  # no best epoch, no budget recorded
 
 
 def test_causal_lm_trains_on_answers_and_reports_exact_match(tmp_path, capsys, tiny_llama, math_files):

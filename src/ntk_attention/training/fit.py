@@ -116,7 +116,18 @@ def matthews_correlation(predicted: np.ndarray, labels: np.ndarray) -> float:
     return float((correct * n - pred @ true) / denominator) if denominator else 0.0
 
 
-def named_scores(metrics: dict, task: str, prefix: str = "eval_") -> dict:
+def epoch_evaluations(log_history: list[dict], metric: str, task: str | None = None) -> list[dict]:
+    """The validation scores after each epoch, from a Trainer's log (``trainer.state.log_history``, or the
+    ``log_history`` of a checkpoint's trainer_state.json): the entries that score ``metric``, in order."""
+    return [{"epoch": log["epoch"], **named_scores(log, task)} for log in log_history if f"eval_{metric}" in log]
+
+
+def ends_at_last_epoch(best_epoch: float | None, epochs: float | None) -> bool:
+    """The best epoch is the last of several: like a grid's edge, the budget may have stopped the run short."""
+    return bool(best_epoch is not None and epochs and epochs > 1 and math.isclose(best_epoch, epochs))
+
+
+def named_scores(metrics: dict, task: str | None, prefix: str = "eval_") -> dict:
     """Scores without the prefix; perplexity (``exp`` of the mean token loss) for language modelling."""
     scores = {key[len(prefix):]: value for key, value in metrics.items()
               if key.startswith(prefix) and key[len(prefix):] in SCORES}

@@ -23,7 +23,8 @@ from . import data as D
 from . import methods
 from . import models as M
 from .evaluate import exact_match
-from .fit import DEFAULT_MAX_LENGTH, FitSettings, encode, make_trainer, named_scores, peak_rss_mb, score, selection_score
+from .fit import (DEFAULT_MAX_LENGTH, FitSettings, encode, ends_at_last_epoch, epoch_evaluations, make_trainer, named_scores,
+                  peak_rss_mb, score, selection_score)
 from .options import add_run_arguments, parse_options
 
 
@@ -175,7 +176,9 @@ def train(args) -> dict:
         seconds = timer.seconds
         validation = _best_validation(trainer) or score(trainer, encoded["validation"])
         entry = {"learning_rate": learning_rate, "validation": validation, "train_seconds": seconds,
-                 "best_epoch": _best_epoch(trainer), "validation_per_epoch": _validation_per_epoch(trainer)}
+                 "best_epoch": _best_epoch(trainer),
+                 "validation_per_epoch": epoch_evaluations(trainer.state.log_history, trainer.args.metric_for_best_model,
+                                                           trainer.task)}
         runs.append(entry)
         metric = plan["metric"]
         if best is None or selection_score(metric, validation[metric]) > selection_score(metric, best[0]["validation"][metric]):
@@ -237,18 +240,6 @@ def _best_epoch(trainer) -> float | None:
     return _best_log(trainer).get("epoch")
 
 
-def _validation_per_epoch(trainer) -> list[dict]:
-    """Validation scores after each epoch (the log survives a resume): did the budget stop a run that still improved?"""
-    key = "eval_" + trainer.args.metric_for_best_model
-    return [{"epoch": log["epoch"], **named_scores(log, trainer.task)} for log in trainer.state.log_history if key in log]
-
-
-def still_improving(run: dict) -> bool:
-    """The grid entry's best epoch is its last of several: more epochs might have scored better still."""
-    epochs = [scores["epoch"] for scores in run.get("validation_per_epoch", [])]
-    return len(epochs) > 1 and run["best_epoch"] == epochs[-1]
-
-
 def print_summary(result: dict) -> None:
     metric = "accuracy" if result["task"] in D.CLASSIFICATION_TASKS else "loss"
     split = "eval" if "eval" in result["after"] else "validation"
@@ -259,15 +250,16 @@ def print_summary(result: dict) -> None:
     ]
     if "exact_match" in result["after"].get("eval", {}):
         lines.append(f"exact match of the final number: {result['after']['eval']['exact_match']:.4f}")
+    chosen_by = result["metric"]  # what chose the rate and the epoch (MCC on CoLA, not the accuracy above)
     if len(result["grid"]) > 1:
-        lines.append("learning rates on the validation slice: " + ", ".join(
-            f"{run['learning_rate']:g} -> {run['validation'][metric]:.4f}" for run in result["grid"]))
+        lines.append(f"learning rates on the validation slice ({chosen_by}): " + ", ".join(
+            f"{run['learning_rate']:g} -> {run['validation'][chosen_by]:.4f}" for run in result["grid"]))
     lines.append(f"chosen learning rate {result['learning_rate']:g}, best epoch {result['best_epoch']}")
     chosen = next(run for run in result["grid"] if run["learning_rate"] == result["learning_rate"])
-    if chosen.get("validation_per_epoch"):
-        lines.append(f"validation {metric} after each epoch: "
-                     + ", ".join(f"{scores[metric]:.4f}" for scores in chosen["validation_per_epoch"]))
-    if still_improving(chosen):
+    if chosen["validation_per_epoch"]:
+        lines.append(f"validation {chosen_by} after each epoch: "
+                     + ", ".join(f"{scores[chosen_by]:.4f}" for scores in chosen["validation_per_epoch"]))
+    if ends_at_last_epoch(result["best_epoch"], result["epochs"]):
         lines.append("the last epoch scored best on validation: the run may stop short of its best (try more --epochs)")
     lines += [
         f"trainable parameters {result['trainable_params']:,} ({result['trainable_params_excl_head']:,} without the head) "

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ...io import save_figure, write_json, write_text
-from ..fit import selection_score
+from ..fit import ends_at_last_epoch, selection_score
 from ..plots import draw_methods
 from .runs import SCORE_NAMES
 from .variants import BASE
@@ -54,13 +54,10 @@ def grid_edge(summary: dict) -> str | None:
 
 
 def rows_at_last_epoch(record: dict) -> list[str]:
-    """The trained rows whose every seed chose the budget's last epoch (of several): the budget, like a
-    grid's edge, may have stopped them short."""
+    """The trained rows whose every seed chose the budget's last epoch (of several)."""
     epochs = (record.get("budget") or {}).get("epochs")
-    if not epochs or epochs <= 1:
-        return []
     return [label for label, row in record["methods"].items() if row.get("best_epoch_per_seed")
-            and all(epoch is not None and math.isclose(epoch, epochs) for epoch in row["best_epoch_per_seed"])]
+            and all(ends_at_last_epoch(epoch, epochs) for epoch in row["best_epoch_per_seed"])]
 
 
 def missing_rates(row: dict, rates: list[float]) -> list[float]:
