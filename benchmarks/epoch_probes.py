@@ -4,7 +4,8 @@ Each probe (``benchmarks/results/probes/<task>-epochs<N>.json``) is an ``ntk-att
 suite task's data and model at a longer budget, with LoRA r = 8 (label ``lora``) and one NTK row under
 the label it has in the suite. Per probe: both rows' reported means at the probe's seeds, the same
 rows of the suite (``benchmarks/results/suite/<task>.json``) at the same seeds, and NTK minus LoRA at
-each budget (for perplexity, a positive gap is NTK behind). No training.
+each budget (for perplexity, a positive gap is NTK behind), the gap at each of the probe's seeds, and
+each row's mean loss on the reported split at both budgets. No training.
 
     python benchmarks/epoch_probes.py [--probes benchmarks/results/probes] [--suite benchmarks/results/suite]
         [--out benchmarks/results/probes/epoch_probes.json]
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ntk_attention.io import write_json, write_text
 
-PROBE = re.compile(r"(?P<task>[a-z0-9]+)-epochs(?P<epochs>\d+)\.json")
+PROBE = re.compile(r"(?P<task>[a-z0-9]+)-epochs\d+\.json")
 
 
 def at_seeds(row: dict, metric: str, seeds: list[int]) -> list[float]:
@@ -40,33 +41,45 @@ def compare_probe(probe: dict, suite: dict) -> dict:
         before = at_seeds(earlier, metric, seeds)
         rows[label] = {"trainable_params": ran["trainable_params_excl_head"],
                        "suite": {"learning_rate": earlier["learning_rate"], "seeds": [s for s in earlier["seeds"] if s in seeds],
-                                 "per_seed": before, "mean": statistics.mean(before)},
+                                 "per_seed": before, "mean": statistics.mean(before),
+                                 "loss": statistics.mean(at_seeds(earlier, "loss", seeds))},
                        "probe": {"learning_rate": ran["learning_rate"], "seeds": ran["seeds"],
                                  "per_seed": ran[f"dev_{metric}_per_seed"], "mean": ran[f"dev_{metric}"],
-                                 "best_epoch_per_seed": ran["best_epoch_per_seed"]}}
-    return {"metric": metric, "higher_is_better": suite["higher_is_better"], "seeds": seeds, "ntk": ntk[0],
+                                 "loss": ran["dev_loss"], "best_epoch_per_seed": ran["best_epoch_per_seed"]}}
+    lora, other = rows["lora"]["probe"], rows[ntk[0]]["probe"]
+    return {"metric": metric, "seeds": seeds, "ntk": ntk[0],
             "epochs": {"suite": suite["budget"]["epochs"], "probe": probe["budget"]["epochs"]},
             "gap": {budget: rows[ntk[0]][budget]["mean"] - rows["lora"][budget]["mean"] for budget in ("suite", "probe")},
+            "probe_gap_per_seed": [b - a for a, b in zip(lora["per_seed"], other["per_seed"])],
             "rows": rows}
+
+
+def cell(value: float, metric: str) -> str:
+    return f"{value:.2f}" if metric == "perplexity" else f"{value:.3f}"
+
+
+def points(gap: float, metric: str) -> str:
+    """A gap in points (x 100) of accuracy or exact match, in perplexity for perplexity."""
+    return f"{gap if metric == 'perplexity' else 100 * gap:+.1f}"
 
 
 def markdown(probes: dict, command: str) -> str:
     lines = ["| probe: metric, seeds | epochs: suite, probe | LoRA r = 8: suite, probe | NTK row (params; rate: suite, probe): "
-             "suite, probe | NTK minus LoRA: suite, probe |", "|---|---|---|---|---|"]
+             "suite, probe | NTK minus LoRA: suite, probe | NTK minus LoRA per seed, probe | loss on the reported split, "
+             "LoRA / NTK: suite, probe |", "|---|---|---|---|---|---|---|"]
     for name, probe in probes.items():
-        lora, ntk = probe["rows"]["lora"], probe["rows"][probe["ntk"]]
-        scale = 1 if probe["metric"] == "perplexity" else 100  # gaps in points, or in perplexity
-        digits = 2 if probe["metric"] == "perplexity" else 3
-
-        def mean(row, budget):
-            cell = f"{row[budget]['mean']:.{digits}f}"
-            return cell + (f" (seed {row[budget]['seeds'][0]})" if len(row[budget]["seeds"]) < len(probe["seeds"]) else "")
-
+        metric, lora, ntk = probe["metric"], probe["rows"]["lora"], probe["rows"][probe["ntk"]]
+        means = {}
+        for label, row in (("lora", lora), ("ntk", ntk)):
+            means[label] = ", ".join(cell(row[budget]["mean"], metric) + (f" (seed {row[budget]['seeds'][0]})"
+                                     if len(row[budget]["seeds"]) < len(probe["seeds"]) else "") for budget in ("suite", "probe"))
+        losses = ", ".join(f"{lora[budget]['loss']:.3f} / {ntk[budget]['loss']:.3f}" for budget in ("suite", "probe"))
         rates = f"{ntk['suite']['learning_rate']:g}, {ntk['probe']['learning_rate']:g}"
-        lines.append(f"| {name}: {probe['metric']}, {' / '.join(map(str, probe['seeds']))} | "
-                     f"{probe['epochs']['suite']:g}, {probe['epochs']['probe']:g} | {mean(lora, 'suite')}, {mean(lora, 'probe')} | "
-                     f"{probe['ntk']} ({ntk['trainable_params'] / 1000:.0f}k; {rates}): {mean(ntk, 'suite')}, {mean(ntk, 'probe')} | "
-                     f"{probe['gap']['suite'] * scale:+.1f}, **{probe['gap']['probe'] * scale:+.1f}** |")
+        lines.append(f"| {name}: {metric}, {' / '.join(map(str, probe['seeds']))} | "
+                     f"{probe['epochs']['suite']:g}, {probe['epochs']['probe']:g} | {means['lora']} | "
+                     f"{probe['ntk']} ({ntk['trainable_params'] / 1000:.0f}k; {rates}): {means['ntk']} | "
+                     f"{points(probe['gap']['suite'], metric)}, **{points(probe['gap']['probe'], metric)}** | "
+                     f"{' / '.join(points(gap, metric) for gap in probe['probe_gap_per_seed'])} | {losses} |")
     return "\n".join(lines + ["", "NTK minus LoRA in points (x 100) of accuracy or exact match, in perplexity for perplexity "
                                f"(there a positive gap is NTK behind). `{command}`", ""])
 

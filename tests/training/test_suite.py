@@ -634,6 +634,7 @@ def test_epoch_probe_sets_each_row_beside_the_suite_at_the_probes_seeds():
 
     def row(method, seeds, values, rate=1e-3):
         return {"method": method, "seeds": seeds, "dev_accuracy_per_seed": values, "dev_accuracy": sum(values) / len(values),
+                "dev_loss_per_seed": [1 - v for v in values], "dev_loss": 1 - sum(values) / len(values),
                 "learning_rate": rate, "trainable_params_excl_head": 1000, "best_epoch_per_seed": [1.0] * len(seeds)}
 
     suite = {"metric": "accuracy", "higher_is_better": True, "budget": {"epochs": 2},
@@ -644,6 +645,8 @@ def test_epoch_probe_sets_each_row_beside_the_suite_at_the_probes_seeds():
     assert result["rows"]["lora"]["suite"]["per_seed"] == [0.8, 0.7]  # seed 2 did not run in the probe
     assert result["rows"]["ntk"]["suite"]["seeds"] == [0]
     assert result["gap"]["suite"] == pytest.approx(0.5 - 0.75) and result["gap"]["probe"] == pytest.approx(0.8 - 0.85)
+    assert result["probe_gap_per_seed"] == pytest.approx([-0.1, 0.0])
+    assert result["rows"]["lora"]["suite"]["loss"] == pytest.approx(0.25)  # at seeds 0 and 1, not 2
     assert "(seed 0)" in probes.markdown({"t-epochs6": result}, "cmd")  # a suite mean over fewer seeds is marked
     with pytest.raises(ValueError, match="one NTK row"):
         probes.compare_probe({**probe, "methods": {"lora": probe["methods"]["lora"]}}, suite)
