@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     probes = {}
     for path in sorted(args.probes.glob("*.json")):
-        if PROBE.fullmatch(path.name):
-            suite_file = args.suite / f"{PROBE.fullmatch(path.name)['task']}.json"
+        if match := PROBE.fullmatch(path.name):
+            suite_file = args.suite / f"{match['task']}.json"
             if not suite_file.exists():
                 raise FileNotFoundError(f"{path}: no suite result {suite_file} to set it beside")
             probes[path.stem] = compare_probe(json.loads(path.read_text()), json.loads(suite_file.read_text()))

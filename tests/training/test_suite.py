@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from ntk_attention import cli
 from ntk_attention.training import suite as S
 from ntk_attention.training.fit import matthews_correlation
 from ntk_attention.tuners.config import resolve_reference
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: benchmarks/ scripts and committed results
 
 
 def write_suite(path, model, body: str):
@@ -280,7 +285,6 @@ def test_earlier_validation_per_seed_is_known_only_where_it_was_measured():
 def test_jobs_bounds_train_processes_and_runs_a_rows_later_seeds_together(tmp_path, tiny_bert, pair_data, monkeypatch):
     """--jobs 2: the seeds after a row's first train at the same time, and the call never has more than two
     train processes, however rows and seeds overlap."""
-    import subprocess
     import threading
     import time
 
@@ -451,11 +455,10 @@ def test_missing_data_file_and_package_are_named(tmp_path):
 
 
 def test_every_committed_suite_reads_and_its_variants_build():
-    from pathlib import Path
 
     from ntk_attention.training.compare.variants import assign_grid, check_configs, parse_variant
 
-    files = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "suites").glob("*.toml"))
+    files = sorted((ROOT / "benchmarks" / "suites").glob("*.toml"))
     assert len(files) >= 10
     for file in files:
         suite = S.load_suite(str(file))
@@ -500,9 +503,6 @@ def test_ntk_against_prefix_keeps_full_state_variants_only():
 def test_selection_check_reads_committed_results_and_compares_choices(tmp_path):
     """benchmarks/selection_check.py: the validation/reported rank correlation over trained rows (ties share a
     rank) and the NTK row chosen on validation against the best on the reported metric, with their gaps."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     def row(method, params, validation, dev):
         return {"method": method, "trainable_params_excl_head": params, "learning_rate": 1e-3, "seeds": [0],
@@ -514,7 +514,7 @@ def test_selection_check_reads_committed_results_and_compares_choices(tmp_path):
                           "ntk-kv": row("ntk", 50, 3.2, 24.0), "full": row("full", 10**6, 2.9, 18.0)}}
     (tmp_path / "lm.json").write_text(json.dumps(record))
     (tmp_path / "suite.json").write_text(json.dumps({"tasks": {}}))  # no 'suite' field: skipped
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "selection_check.py"
+    script = ROOT / "benchmarks" / "selection_check.py"
     out = tmp_path / "check.json"
     done = subprocess.run([sys.executable, str(script), "--results", str(tmp_path), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
@@ -538,9 +538,6 @@ def test_selection_check_reads_committed_results_and_compares_choices(tmp_path):
 def test_epoch_curves_reads_each_runs_trainer_log_at_its_chosen_rate(tmp_path):
     """benchmarks/epoch_curves.py: the validation loss after each epoch from the last checkpoint's trainer
     state of the chosen rate (not another rate's, not an earlier checkpoint's), beside the reported scores."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     def state(folder, losses):
         folder.mkdir(parents=True)
@@ -562,7 +559,7 @@ def test_epoch_curves_reads_each_runs_trainer_log_at_its_chosen_rate(tmp_path):
     reference = {"budget": {"epochs": 1}, "methods": {"lora": row(3e-3, 0.2, 100)}}
     (tmp_path / "r.json").write_text(json.dumps(result))
     (tmp_path / "ref.json").write_text(json.dumps(reference))
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "epoch_curves.py"
+    script = ROOT / "benchmarks" / "epoch_curves.py"
     out = tmp_path / "curves.json"
     done = subprocess.run([sys.executable, str(script), "--work-dir", str(work), "--result", str(tmp_path / "r.json"),
                            "--reference", str(tmp_path / "ref.json"), "--out", str(out)], capture_output=True, text=True,
@@ -590,44 +587,37 @@ def test_epoch_curves_reads_each_runs_trainer_log_at_its_chosen_rate(tmp_path):
     assert missing.returncode != 0 and "lr-0.003: no checkpoint-*/trainer_state.json" in missing.stderr
 
 
+def script_table_rows(*argv: str) -> list[str]:
+    """The table rows a benchmarks/ script prints when run from the repository root on the committed results."""
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) > 2
+    return rows
+
+
 def test_committed_selection_check_is_the_committed_results():
     """benchmarks/results/selection_check.md, which docs/default.md cites, is what the script gives on the committed
     suite results, row by row (rerun it with --out when a row lands)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "benchmarks/selection_check.py", "--results", "benchmarks/results/suite"],
-                          cwd=root, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    committed = (root / "benchmarks" / "results" / "selection_check.md").read_text()
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) > 2 and rows == [line for line in committed.splitlines() if line.startswith("| ")]
+    rows = script_table_rows("benchmarks/selection_check.py", "--results", "benchmarks/results/suite")
+    committed = (ROOT / "benchmarks" / "results" / "selection_check.md").read_text()
+    assert rows == [line for line in committed.splitlines() if line.startswith("| ")]
 
 
 def test_committed_epoch_probes_table_is_the_committed_results():
     """docs/default.md's probe table and benchmarks/results/probes/epoch_probes.md are what the script gives on
     the committed probe and suite results (rerun it with --out when a probe lands)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "benchmarks/epoch_probes.py"], cwd=root, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    rows = script_table_rows("benchmarks/epoch_probes.py")
     for committed in ("benchmarks/results/probes/epoch_probes.md", "docs/default.md"):
-        text = (root / committed).read_text()
-        assert len(rows) > 2 and all(row in text.splitlines() for row in rows), committed
+        lines = (ROOT / committed).read_text().splitlines()
+        assert all(row in lines for row in rows), committed
 
 
 def test_epoch_probe_sets_each_row_beside_the_suite_at_the_probes_seeds():
     """The suite's rows are read at the probe's seeds only, and a suite mean over fewer of them is marked."""
     import importlib.util
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "epoch_probes.py"  # a script, not a package module
+    script = ROOT / "benchmarks" / "epoch_probes.py"  # a script, not a package module
     spec = importlib.util.spec_from_file_location("epoch_probes", script)
     probes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probes)
